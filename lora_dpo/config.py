@@ -1,0 +1,416 @@
+"""Typed run configuration: dataclasses loaded from YAML, with ``key.sub=value`` overrides.
+
+Every field carries a one-line docstring; ``field_docs`` reads them back (for error messages and
+``docs/config.md``), so the documentation cannot drift from the code. Only torch-free, stdlib and
+PyYAML code lives here, so a config can be checked without touching a model.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Hugging Face model id or local directory of the base causal LM (required)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of the base model; null takes the default branch."""
+    load_in_4bit: bool = True
+    """Load the base in 4-bit NF4 with bitsandbytes; false loads it in 16-bit (about 4x the memory)."""
+    double_quant: bool = True
+    """Quantize the 4-bit block scales too, saving about 0.4 bits per weight."""
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Dtype of matmuls and activations; auto is bfloat16 where the GPU supports it, float16 on older GPUs, float32 on CPU."""
+    init_adapter: Optional[str] = None
+    """Existing LoRA adapter directory (e.g. from SFT) to start from; it is also the frozen reference."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: about 30% more compute for a large cut in memory."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel passed to transformers."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where to train; auto takes the first CUDA GPU when there is one, else the CPU."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the model repository; only turn on for repositories you trust."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    """LoRA rank: trainable parameters and adapter size grow linearly with it."""
+    alpha: float = 32.0
+    """LoRA scaling numerator; the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target_modules: Union[str, list[str]] = "all-linear"
+    """Modules that get adapters: all-linear (every linear layer but the output head) or a list of module names."""
+
+
+@dataclass
+class DataConfig:
+    train_file: str = ""
+    """Training pairs: a .jsonl, .json or .parquet file, or a Hugging Face dataset name (needs the datasets package)."""
+    train_split: str = "train"
+    """Split to read when train_file is a Hugging Face dataset name."""
+    eval_file: Optional[str] = None
+    """Held-out pairs in the same formats; null splits eval_fraction off the training file instead."""
+    eval_split: str = "test"
+    """Split to read when eval_file is a Hugging Face dataset name."""
+    eval_fraction: float = 0.05
+    """Share of the training pairs held out for evaluation when no eval_file is given (0 disables evaluation)."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (a string, or a list of chat messages)."""
+    chosen_column: str = "chosen"
+    """Column holding the preferred response (a string, or assistant messages, or a whole conversation)."""
+    rejected_column: str = "rejected"
+    """Column holding the dispreferred response, in the same shape as the chosen one."""
+    max_length: int = 1024
+    """Most tokens in prompt + response; responses are cut at their end to fit."""
+    max_prompt_length: int = 512
+    """Most prompt tokens; longer prompts keep their last tokens (the part next to the response)."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """What a malformed row does: error stops with file, line and field; skip logs the row and goes on."""
+
+
+@dataclass
+class DPOSettings:
+    loss: Literal["sigmoid"] = "sigmoid"
+    """Preference loss; sigmoid is the DPO loss of Rafailov et al. (2023)."""
+    beta: float = 0.1
+    """Strength of the KL penalty towards the reference: smaller lets the policy drift further."""
+    label_smoothing: float = 0.0
+    """Assumed share of flipped preference labels (conservative DPO); 0 is plain DPO, must be below 0.5."""
+    logps_chunk_size: int = 1024
+    """Response tokens whose vocabulary logits are formed at once: lower it to save memory on large vocabularies."""
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 2
+    """Preference pairs per forward/backward pass (each pair is two sequences)."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches summed into one optimizer step; pairs per step = micro_batch_size x this."""
+    epochs: float = 1.0
+    """Passes over the training pairs (fractions allowed); ignored when max_steps is set."""
+    max_steps: Optional[int] = None
+    """Optimizer steps to run; null derives them from epochs."""
+    learning_rate: float = 5e-5
+    """Peak learning rate of the LoRA weights."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate decay after warm-up."""
+    warmup_ratio: float = 0.1
+    """Share of the steps spent warming the learning rate up from 0 (ignored when warmup_steps is set)."""
+    warmup_steps: Optional[int] = None
+    """Warm-up steps; null uses warmup_ratio."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA weights."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient to this global norm (0 disables clipping)."""
+    optim: Literal["adamw", "paged_adamw_8bit"] = "paged_adamw_8bit"
+    """Optimizer: torch AdamW, or bitsandbytes' paged 8-bit AdamW (a quarter of the optimizer memory)."""
+    seed: int = 42
+    """Seed for LoRA initialisation, data order and the eval split."""
+    eval_every: int = 0
+    """Evaluate on the held-out pairs every this many steps (0: only at the end)."""
+    save_every: int = 0
+    """Save the adapter to checkpoint-STEP every this many steps (0: only at the end)."""
+    log_every: int = 1
+    """Write a metrics line every this many steps."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/dpo"
+    """Directory that receives the adapter, tokenizer, resolved config and metrics."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model and how it is loaded."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The LoRA adapters."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The preference pairs."""
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    """The preference loss."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation loop."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where results go."""
+
+    def validate(self) -> None:
+        """Cross-field and range checks that types alone cannot express."""
+        checks: list[tuple[bool, str, str]] = [
+            (bool(self.model.name_or_path), "model.name_or_path", "is required: set it to a Hugging Face model id or a local model directory"),
+            (bool(self.data.train_file), "data.train_file", "is required: set it to a .jsonl/.json/.parquet file or a dataset name"),
+            (self.lora.r > 0, "lora.r", "must be a positive integer"),
+            (self.lora.alpha > 0, "lora.alpha", "must be positive"),
+            (0 <= self.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
+            (0 <= self.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)"),
+            (self.data.max_length >= 2, "data.max_length", "must be at least 2"),
+            (0 < self.data.max_prompt_length < self.data.max_length, "data.max_prompt_length",
+             f"must be positive and below data.max_length ({self.data.max_length}) so every response keeps a token"),
+            (self.dpo.beta > 0, "dpo.beta", "must be positive"),
+            (0 <= self.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)"),
+            (self.dpo.logps_chunk_size > 0, "dpo.logps_chunk_size", "must be positive"),
+            (self.train.micro_batch_size > 0, "train.micro_batch_size", "must be positive"),
+            (self.train.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be positive"),
+            (self.train.epochs > 0, "train.epochs", "must be positive"),
+            (self.train.max_steps is None or self.train.max_steps > 0, "train.max_steps", "must be positive or null"),
+            (self.train.learning_rate > 0, "train.learning_rate", "must be positive"),
+            (0 <= self.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
+            (self.train.warmup_steps is None or self.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0 or null"),
+            (self.train.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+            (self.train.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)"),
+            (self.train.eval_every >= 0, "train.eval_every", "must be >= 0"),
+            (self.train.save_every >= 0, "train.save_every", "must be >= 0"),
+            (self.train.log_every > 0, "train.log_every", "must be positive"),
+            (bool(self.output.dir), "output.dir", "is required"),
+        ]
+        for ok, key, message in checks:
+            if not ok:
+                raise ConfigError(f"{key} {message} (got {_get(self, key)!r})", key=key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or nothing), apply ``key.sub=value`` overrides, and validate everything."""
+    raw: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = str(path) if path is not None else "<overrides>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        text = path.read_text(encoding="utf-8")
+        try:
+            node = yaml.compose(text)
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...)")
+        lines = _key_lines(node)
+    overridden = set()
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+        overridden.add(key)
+    try:
+        config = _build(Config, raw, prefix="")
+        config.validate()
+    except ConfigError as exc:
+        key = exc.key or ""
+        line = lines.get(key)
+        if key in overridden:
+            where = "command-line override"
+        else:
+            where = f"{source}:{line}" if line else source
+        raise ConfigError(f"{where}: {exc}", key=exc.key) from None
+    return config
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``train.learning_rate=1e-4`` -> ("train.learning_rate", 1e-4); values are read as YAML scalars."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not key=value (for example train.learning_rate=1e-4)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section", key=key)
+        node = child
+    node[parts[-1]] = value
+
+
+def _key_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    """Map dotted keys to their 1-based line in the YAML file, for error messages."""
+    found: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            dotted = f"{prefix}{key_node.value}"
+            found[dotted] = key_node.start_mark.line + 1
+            found.update(_key_lines(value_node, dotted + "."))
+    return found
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    section = prefix.rstrip(".") or "the config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{section} must be a mapping of keys, got {raw!r}", key=prefix.rstrip("."))
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            dotted = f"{prefix}{key}"
+            raise ConfigError(f"unknown key {dotted}{_suggest(dotted)}", key=dotted)
+    values = {}
+    for name, value in raw.items():
+        dotted = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, dotted + ".")
+        else:
+            values[name] = _coerce(value, hint, dotted)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against a field's annotation; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}", key=key)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}; got {value!r}", key=key)
+    if origin is list:
+        (item_type,) = args
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}", key=key)
+        return [_coerce(item, item_type, key) for item in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(number):
+                    return number
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}", key=key)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null"}.get(hint, str(hint))
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(all_keys(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _suggest(dotted: str) -> str:
+    keys = all_keys()
+    leaf = dotted.rsplit(".", 1)[-1]
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]  # right name, wrong section
+    if not close:
+        close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
+    if not close:
+        section = dotted.split(".")[0]
+        close = difflib.get_close_matches(section, [k.split(".")[0] for k in keys], n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field, read from the source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, following in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[stmt.target.id] = following.value.value.strip()
+    return docs
+
+
+def config_reference_markdown() -> str:
+    """Markdown table of every config key, its type, default and docstring (docs/config.md)."""
+    out = []
+    hints = typing.get_type_hints(Config)
+    section_docs = field_docs(Config)
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        out.append(f"### `{section.name}` — {section_docs[section.name]}\n")
+        out.append("| key | type | default | meaning |")
+        out.append("|---|---|---|---|")
+        docs = field_docs(cls)
+        section_hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = getattr(getattr(defaults, section.name), f.name)
+            out.append(f"| `{section.name}.{f.name}` | {_describe(section_hints[f.name])} | "
+                       f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | "
+                       f"{docs[f.name]} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")

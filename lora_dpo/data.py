@@ -1,0 +1,401 @@
+"""Preference files -> validated rows -> token ids.
+
+Reads .jsonl/.json/.parquet files (or a Hugging Face dataset), checks every row, renders chat rows
+with the tokenizer's chat template and tokenizes prompt and responses separately, so the boundary
+between them is exact and prompt tokens can never leak into the loss. Runs with torch alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+Text = Union[str, Messages]
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class PreferenceExample:
+    """One validated row: all three parts plain text, or all three message lists."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    where: str
+
+    @property
+    def is_chat(self) -> bool:
+        return isinstance(self.chosen, list)
+
+
+@dataclass
+class TokenizedPair:
+    """Token ids of one pair; the loss counts chosen_ids and rejected_ids, never prompt_ids."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens an unshared implementation processes: the prompt twice, each response once."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass
+class DataReport:
+    """Counts shown at the start of a run, so silent data loss cannot happen."""
+
+    source: str
+    rows: int = 0
+    skipped: int = 0
+    truncated_prompts: int = 0
+    truncated_responses: int = 0
+    dropped: int = 0
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: {self.rows} rows"]
+        if self.skipped:
+            parts.append(f"{self.skipped} bad rows skipped")
+        parts.append(f"{self.truncated_prompts} prompts and {self.truncated_responses} responses truncated")
+        if self.dropped:
+            parts.append(f"{self.dropped} pairs dropped (chosen and rejected identical after truncation)")
+        return ", ".join(parts)
+
+
+@dataclass
+class PreferenceData:
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+    eval_examples: list[PreferenceExample]
+    reports: list[DataReport] = field(default_factory=list)
+
+
+class RowError(Exception):
+    """A bad row: the field it concerns and what to do."""
+
+    def __init__(self, field_name: str | None, problem: str, fix: str):
+        super().__init__(problem)
+        self.field_name = field_name
+        self.problem = problem
+        self.fix = fix
+
+    def message(self, where: str) -> str:
+        field_part = f" field '{self.field_name}':" if self.field_name else ""
+        return f"{where}:{field_part} {self.problem}. Fix: {self.fix}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """Yield (location, row) from a local file or a Hugging Face dataset; location is file:line."""
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in LOCAL_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise DataError(f"{source}: file not found. Fix: check data.train_file / data.eval_file")
+        if suffix == ".jsonl":
+            yield from _read_jsonl(path)
+        elif suffix == ".json":
+            yield from _read_json(path)
+        elif suffix == ".parquet":
+            yield from _read_parquet(path)
+        else:
+            raise DataError(f"{source}: unsupported file type '{suffix}'. Fix: use .jsonl, .json or .parquet")
+        return
+    yield from _read_hub(source, split)
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte-order mark some editors write; harmless
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{where}: not UTF-8 text (byte {exc.start}). Fix: re-save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                hint = "the last line looks cut off" if not raw.endswith(b"\n") else "each line must be one JSON object"
+                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}). Fix: {hint}") from None
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}). Fix: re-save the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}). Fix: correct the JSON syntax") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of rows, got {type(data).__name__}. "
+                        "Fix: write [{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}, ...] or use .jsonl")
+    for index, row in enumerate(data):
+        yield f"{path}:row {index}", row
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow. Fix: pip install 'lora-dpo[parquet]'") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: cannot read parquet ({exc}). Fix: check the file") from None
+    for index, row in enumerate(table.to_pylist()):
+        yield f"{path}:row {index}", row
+
+
+def _read_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{name}: no such local file, and reading Hugging Face datasets needs the datasets package. "
+                        "Fix: check the path, or pip install 'lora-dpo[hub]'") from None
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as exc:
+        raise DataError(f"{name} (split {split}): cannot load this dataset ({type(exc).__name__}: {exc}). "
+                        "Fix: check the name and split, or download it and point to a local file") from None
+    for index, row in enumerate(dataset):
+        yield f"{name}[{split}]:row {index}", row
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def parse_row(row: Any, prompt_column: str, chosen_column: str, rejected_column: str) -> tuple[Text, Text, Text]:
+    """Check one row and return (prompt, chosen, rejected) in one consistent shape, or raise RowError."""
+    if not isinstance(row, dict):
+        raise RowError(None, f"a row must be a JSON object, got {type(row).__name__}",
+                       f"write each row as {{\"{prompt_column}\": ..., \"{chosen_column}\": ..., \"{rejected_column}\": ...}}")
+    for column in (chosen_column, rejected_column):
+        if column not in row:
+            raise RowError(column, f"missing (the row has {', '.join(map(str, row)) or 'no fields'})",
+                           f"add it, or set data.{'chosen' if column == chosen_column else 'rejected'}_column to the right column")
+    chosen = _check_value(row[chosen_column], chosen_column)
+    rejected = _check_value(row[rejected_column], rejected_column)
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise RowError(rejected_column, "chosen and rejected mix plain text and chat messages",
+                       "give both as strings or both as message lists")
+    prompt = row.get(prompt_column)
+    if isinstance(chosen, list):
+        if prompt is None:
+            prompt, chosen, rejected = _split_shared_prefix(chosen, rejected, chosen_column)
+        else:
+            prompt = _check_value(prompt, prompt_column)
+            if not isinstance(prompt, list):
+                raise RowError(prompt_column, "is plain text but the responses are chat messages",
+                               "give the prompt as a list of messages, e.g. [{\"role\": \"user\", \"content\": ...}]")
+            chosen = _strip_prompt(prompt, chosen)
+            rejected = _strip_prompt(prompt, rejected)
+        for column, messages in ((chosen_column, chosen), (rejected_column, rejected)):
+            if not messages:
+                raise RowError(column, "has no response after the prompt", "add the assistant's answer")
+            if messages[0]["role"] != "assistant":
+                raise RowError(column, f"the response starts with a '{messages[0]['role']}' message",
+                               "responses must start with an assistant message")
+        if prompt and prompt[-1]["role"] == "assistant":
+            raise RowError(prompt_column, "ends with an assistant message", "the prompt must end with the turn the response answers")
+    else:
+        if prompt is None:
+            raise RowError(prompt_column, f"missing (the row has {', '.join(map(str, row))})",
+                           "add it, or set data.prompt_column to the right column")
+        prompt = _check_value(prompt, prompt_column)
+        if isinstance(prompt, list):
+            raise RowError(prompt_column, "is a chat message list but the responses are plain text",
+                           "give all three as strings or all three as message lists")
+    if chosen == rejected:
+        raise RowError(rejected_column, "is identical to chosen", "a pair needs two different responses; remove the row")
+    return prompt, chosen, rejected
+
+
+def _check_value(value: Any, column: str) -> Text:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError(column, "is empty or whitespace only", "give it text, or remove the row")
+        return value
+    if isinstance(value, list):
+        if not value:
+            raise RowError(column, "is an empty message list", "give at least one message")
+        return [_check_message(message, column, index) for index, message in enumerate(value)]
+    kind = "null" if value is None else type(value).__name__
+    raise RowError(column, f"must be a string or a list of chat messages, got {kind}",
+                   "store text as a JSON string")
+
+
+def _check_message(message: Any, column: str, index: int) -> dict[str, str]:
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise RowError(column, f"message {index} is not an object with 'role' and 'content'",
+                       "write messages as {\"role\": \"user\", \"content\": \"...\"}")
+    role, content = message["role"], message["content"]
+    if role not in CHAT_ROLES:
+        raise RowError(column, f"message {index} has unknown role {role!r}", f"use one of {', '.join(CHAT_ROLES)}")
+    if not isinstance(content, str):
+        raise RowError(column, f"message {index} content must be a string, got {type(content).__name__}",
+                       "store message text as a JSON string")
+    if role == "assistant" and not content.strip():
+        raise RowError(column, f"message {index} (assistant) is empty", "give the response text, or remove the row")
+    return {"role": role, "content": content}
+
+
+def _strip_prompt(prompt: Messages, messages: Messages) -> Messages:
+    """Accept chosen/rejected given either as responses only or as full conversations."""
+    if len(messages) > len(prompt) and messages[: len(prompt)] == prompt:
+        return messages[len(prompt):]
+    return messages
+
+
+def _split_shared_prefix(chosen: Messages, rejected: Messages, chosen_column: str) -> tuple[Messages, Messages, Messages]:
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and chosen[shared - 1]["role"] == "assistant":
+        shared -= 1  # the prompt ends on the turn the responses answer
+    if shared == 0:
+        raise RowError(chosen_column, "there is no prompt column and chosen/rejected share no leading user turn",
+                       "add a prompt column, or give full conversations that start with the same user message")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def load_examples(source: str, split: str, columns: tuple[str, str, str], on_bad_row: str,
+                  report: DataReport) -> list[PreferenceExample]:
+    examples: list[PreferenceExample] = []
+    chat_format: bool | None = None
+    for where, row in read_rows(source, split):
+        try:
+            prompt, chosen, rejected = parse_row(row, *columns)
+            is_chat = isinstance(chosen, list)
+            if chat_format is None:
+                chat_format = is_chat
+            elif chat_format != is_chat:
+                first = "chat messages" if chat_format else "plain text"
+                raise RowError(columns[1], f"this row is {'chat messages' if is_chat else 'plain text'} but earlier rows are {first}",
+                               "use one format for the whole file")
+        except RowError as exc:
+            if on_bad_row == "error":
+                raise DataError(exc.message(where) + " (or set data.on_bad_row=skip)") from None
+            log.warning("skipped %s", exc.message(where))
+            report.skipped += 1
+            continue
+        examples.append(PreferenceExample(prompt, chosen, rejected, where))
+    report.rows = len(examples) + report.skipped
+    if not examples:
+        what = "every row was bad and skipped" if report.skipped else "it holds no rows"
+        raise DataError(f"{source}: no usable preference pairs ({what}). Fix: check the file")
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering and tokenization
+
+
+def render(example: PreferenceExample, tokenizer: Any) -> tuple[str, str, str]:
+    """Prompt and response texts; chat rows go through the tokenizer's chat template."""
+    if not example.is_chat:
+        return example.prompt, example.chosen, example.rejected
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{example.where}: rows are chat messages but the tokenizer has no chat template. "
+                        "Fix: use a chat/instruct model, or give prompt/chosen/rejected as plain text")
+    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    responses = []
+    for response in (example.chosen, example.rejected):
+        full = tokenizer.apply_chat_template(example.prompt + response, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise DataError(f"{example.where}: the chat template renders the prompt differently once a response "
+                            "follows, so the response cannot be separated. Fix: give the rows as plain text")
+        responses.append(full[len(prompt_text):])
+    return prompt_text, responses[0], responses[1]
+
+
+def tokenize_examples(examples: list[PreferenceExample], tokenizer: Any, max_length: int,
+                      max_prompt_length: int, report: DataReport) -> list[TokenizedPair]:
+    """Tokenize, append EOS to each response, truncate, and count every truncation and drop."""
+    if not examples:
+        return []
+    texts = [render(example, tokenizer) for example in examples]
+    is_chat = examples[0].is_chat
+    # Chat templates already hold BOS and the turn markers; plain prompts get the tokenizer's BOS.
+    prompts = tokenizer([t[0] for t in texts], add_special_tokens=not is_chat)["input_ids"]
+    chosen = tokenizer([t[1] for t in texts], add_special_tokens=False)["input_ids"]
+    rejected = tokenizer([t[2] for t in texts], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    pairs = []
+    for prompt_ids, chosen_ids, rejected_ids in zip(prompts, chosen, rejected):
+        chosen_ids, rejected_ids = _end_with_eos(chosen_ids, eos, is_chat), _end_with_eos(rejected_ids, eos, is_chat)
+        if len(prompt_ids) > max_prompt_length:
+            prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end: it is what the response answers
+            report.truncated_prompts += 1
+        room = max_length - len(prompt_ids)
+        for ids in (chosen_ids, rejected_ids):
+            if len(ids) > room:
+                report.truncated_responses += 1
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+        if chosen_ids == rejected_ids:
+            report.dropped += 1
+            continue
+        pairs.append(TokenizedPair(list(prompt_ids), chosen_ids, rejected_ids))
+    return pairs
+
+
+def _end_with_eos(ids: list[int], eos: int | None, is_chat: bool) -> list[int]:
+    if eos is None:
+        return list(ids)
+    if is_chat and eos in ids:  # the template closed the turn itself (maybe followed by a newline)
+        return list(ids)
+    return list(ids) + [eos]
+
+
+def load_preference_data(data_config: Any, tokenizer: Any, seed: int) -> PreferenceData:
+    """Read, validate, split and tokenize the train (and eval) pairs described by DataConfig."""
+    columns = (data_config.prompt_column, data_config.chosen_column, data_config.rejected_column)
+    train_report = DataReport(data_config.train_file)
+    train_examples = load_examples(data_config.train_file, data_config.train_split, columns,
+                                   data_config.on_bad_row, train_report)
+    reports = [train_report]
+    if data_config.eval_file:
+        eval_report = DataReport(data_config.eval_file)
+        eval_examples = load_examples(data_config.eval_file, data_config.eval_split, columns,
+                                      data_config.on_bad_row, eval_report)
+        reports.append(eval_report)
+    elif data_config.eval_fraction > 0 and len(train_examples) > 1:
+        order = list(range(len(train_examples)))
+        random.Random(seed).shuffle(order)
+        n_eval = min(len(order) - 1, max(1, round(data_config.eval_fraction * len(order))))
+        held_out = set(order[:n_eval])
+        eval_examples = [e for i, e in enumerate(train_examples) if i in held_out]
+        train_examples = [e for i, e in enumerate(train_examples) if i not in held_out]
+        eval_report = DataReport(f"{data_config.train_file} (held out {data_config.eval_fraction:g})")
+        eval_report.rows = len(eval_examples)
+        train_report.rows -= len(eval_examples)
+        reports.append(eval_report)
+    else:
+        eval_examples, eval_report = [], None
+    train = tokenize_examples(train_examples, tokenizer, data_config.max_length, data_config.max_prompt_length, train_report)
+    if not train:
+        raise DataError(f"{data_config.train_file}: no pairs left after truncation (all chosen/rejected became identical). "
+                        "Fix: raise data.max_length or lower data.max_prompt_length")
+    evaluation = []
+    if eval_report is not None:
+        evaluation = tokenize_examples(eval_examples, tokenizer, data_config.max_length,
+                                       data_config.max_prompt_length, eval_report)
+    return PreferenceData(train, evaluation, eval_examples, reports)

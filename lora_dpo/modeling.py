@@ -1,0 +1,172 @@
+"""Loading the tokenizer and the 4-bit base with LoRA adapters, and switching to the reference.
+
+The policy and the reference are one model: the reference is the same base with the trainable
+adapter switched off (or, when training starts from an SFT adapter, with a frozen copy of that
+adapter switched on instead), so the GPU holds one set of base weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .config import Config, ModelConfig
+from .errors import ConfigError, LoraDpoError
+
+log = logging.getLogger(__name__)
+
+TRAINED_ADAPTER = "default"
+REFERENCE_ADAPTER = "reference"
+
+
+def resolve_device(model_config: ModelConfig) -> torch.device:
+    if model_config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device is cuda but no CUDA GPU is visible. Fix: set model.device=cpu or auto",
+                          key="model.device")
+    if model_config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(model_config.device)
+
+
+def resolve_compute_dtype(model_config: ModelConfig, device: torch.device) -> torch.dtype:
+    if model_config.compute_dtype != "auto":
+        return getattr(torch, model_config.compute_dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU half-precision matmuls are slow and imprecise
+
+
+def load_tokenizer(model_config: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_config.name_or_path, revision=model_config.revision, trust_remote_code=model_config.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise LoraDpoError(_not_found(model_config.name_or_path, "tokenizer", exc)) from None
+    if tokenizer.eos_token_id is None:
+        raise LoraDpoError(f"{model_config.name_or_path}: the tokenizer has no EOS token, so responses cannot be "
+                           "ended. Fix: use a tokenizer that defines eos_token")
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of attention and loss, so any id works; EOS avoids resizing embeddings.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _not_found(name: str, what: str, exc: Exception) -> str:
+    if Path(name).exists():
+        return f"{name}: cannot load the {what} from this directory ({exc}). Fix: point model.name_or_path at a model saved with save_pretrained"
+    return (f"{name}: cannot load the {what}: not a local directory, and the hub copy could not be read "
+            f"({type(exc).__name__}). Fix: check the name, your network or HF_HUB_OFFLINE, or download the model first")
+
+
+def load_model(config: Config, device: torch.device) -> Any:
+    """The base (4-bit NF4 unless disabled) with a trainable LoRA adapter named 'default'."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model_config = config.model
+    compute_dtype = resolve_compute_dtype(model_config, device)
+    kwargs: dict[str, Any] = dict(
+        revision=model_config.revision,
+        trust_remote_code=model_config.trust_remote_code,
+        attn_implementation=model_config.attn_implementation,
+        dtype=compute_dtype,
+        device_map={"": str(device)},
+    )
+    if model_config.load_in_4bit:
+        kwargs["quantization_config"] = _four_bit_config(model_config, compute_dtype)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(model_config.name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise LoraDpoError(_not_found(model_config.name_or_path, "model", exc)) from None
+    if model_config.load_in_4bit and device.type == "cpu":
+        _keep_cpu_4bit_trainable(base)
+    base.config.use_cache = False
+    if model_config.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings
+        # stay frozen and nothing is upcast; that is why prepare_model_for_kbit_training is not used
+        # (it would copy the embeddings and head to float32: +0.5 GB on a 1B model with a 128k vocab).
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    if model_config.init_adapter:
+        adapter_dir = Path(model_config.init_adapter)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ConfigError(f"model.init_adapter: {adapter_dir} holds no adapter_config.json. "
+                              "Fix: point it at a directory written by peft's save_pretrained", key="model.init_adapter")
+        model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=TRAINED_ADAPTER, is_trainable=True)
+        # A frozen second copy is the reference: DPO measures drift from the SFT model, not from the bare base.
+        model.load_adapter(str(adapter_dir), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        model.set_adapter(TRAINED_ADAPTER)
+    else:
+        lora = LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=config.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, lora)
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_" not in name:
+            raise LoraDpoError(f"unexpected trainable base parameter {name}")
+    return model
+
+
+def _four_bit_config(model_config: ModelConfig, compute_dtype: torch.dtype) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.load_in_4bit needs the bitsandbytes package. Fix: pip install bitsandbytes, "
+                          "or set model.load_in_4bit=false", key="model.load_in_4bit") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=model_config.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, a Linear4bit that runs once in eval mode without grad converts its
+    weight in place to a packed layout whose matmul has no backward; every later training step
+    then silently gets wrong LoRA gradients below that layer (measured: bitsandbytes 0.50.2).
+    The cost of turning it off is a slower CPU eval pass; GPUs are unaffected.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+@contextlib.contextmanager
+def reference_model(model: Any) -> Iterator[Any]:
+    """Within this block the model computes reference log-probs (call it under no_grad)."""
+    if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+        try:
+            yield model
+        finally:
+            model.set_adapter(TRAINED_ADAPTER)
+    else:
+        with model.disable_adapter():
+            yield model
+
+
+def save_adapter(model: Any, directory: str | Path) -> None:
+    """Write adapter_config.json + adapter_model.safetensors of the trained adapter only."""
+    model.save_pretrained(str(directory), selected_adapters=[TRAINED_ADAPTER], safe_serialization=True)
+
+
+def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
