@@ -85,14 +85,46 @@ class DataConfig:
     """What a malformed row does: error stops with file, line and field; skip logs the row and goes on."""
 
 
+LossName = Literal["sigmoid", "ipo", "hinge", "robust", "rpo", "simpo", "orpo"]
+
+# The dpo.* hyper-parameters that belong to one loss (or a few), and the losses that read them.
+# Config.validate rejects one set for a loss that is not selected: a silently ignored
+# rpo_alpha is a run the user did not mean to do. beta is shared by every loss.
+LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "label_smoothing": ("sigmoid", "rpo"),
+    "robust_epsilon": ("robust",),
+    "rpo_alpha": ("rpo",),
+    "simpo_gamma": ("simpo",),
+    "orpo_lambda": ("orpo",),
+}
+
+
+@dataclass
+class LossTerm:
+    name: Literal[LossName, "nll"]
+    """A loss of dpo.loss, or nll: the per-token negative log-likelihood of the chosen response."""
+    weight: float = 1.0
+    """Factor of this loss in the sum."""
+
+
 @dataclass
 class DPOSettings:
-    loss: Literal["sigmoid"] = "sigmoid"
-    """Preference loss; sigmoid is the DPO loss of Rafailov et al. (2023)."""
+    loss: Literal[LossName, "weighted_sum"] = "sigmoid"
+    """Preference loss: sigmoid (DPO), ipo, hinge, robust, rpo, simpo, orpo, or weighted_sum of dpo.losses (see docs/losses.md)."""
+    losses: list[LossTerm] = field(default_factory=list)
+    """With loss weighted_sum: the terms, e.g. [{name: sigmoid, weight: 1.0}, {name: nll, weight: 0.2}]."""
     beta: float = 0.1
-    """Strength of the KL penalty towards the reference: smaller lets the policy drift further."""
+    """Loss temperature: KL strength towards the reference (smaller drifts further); SimPO's reward scale (use 2-2.5)."""
     label_smoothing: float = 0.0
-    """Assumed share of flipped preference labels (conservative DPO); 0 is plain DPO, must be below 0.5."""
+    """sigmoid/rpo: assumed share of flipped preference labels (conservative DPO); 0 is plain DPO, must be below 0.5."""
+    robust_epsilon: Optional[float] = None
+    """robust (required): assumed share of flipped preference labels, in [0, 0.5); the loss stays unbiased under it."""
+    rpo_alpha: Optional[float] = None
+    """rpo: weight of the chosen response's per-token NLL added to DPO; null means 1.0."""
+    simpo_gamma: Optional[float] = None
+    """simpo: target reward margin gamma; null means 0.5."""
+    orpo_lambda: Optional[float] = None
+    """orpo: weight of the odds-ratio term added to the chosen response's NLL; null means 0.1."""
     logps_chunk_size: int = 1024
     """Response tokens whose vocabulary logits are formed at once: lower it to save memory on large vocabularies."""
 
@@ -166,6 +198,10 @@ class Config:
              f"must be positive and below data.max_length ({self.data.max_length}) so every response keeps a token"),
             (self.dpo.beta > 0, "dpo.beta", "must be positive"),
             (0 <= self.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)"),
+            (self.dpo.robust_epsilon is None or 0 <= self.dpo.robust_epsilon < 0.5, "dpo.robust_epsilon", "must be in [0, 0.5)"),
+            (self.dpo.rpo_alpha is None or self.dpo.rpo_alpha > 0, "dpo.rpo_alpha", "must be positive"),
+            (self.dpo.simpo_gamma is None or self.dpo.simpo_gamma >= 0, "dpo.simpo_gamma", "must be >= 0"),
+            (self.dpo.orpo_lambda is None or self.dpo.orpo_lambda > 0, "dpo.orpo_lambda", "must be positive"),
             (self.dpo.logps_chunk_size > 0, "dpo.logps_chunk_size", "must be positive"),
             (self.train.micro_batch_size > 0, "train.micro_batch_size", "must be positive"),
             (self.train.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be positive"),
@@ -184,6 +220,42 @@ class Config:
         for ok, key, message in checks:
             if not ok:
                 raise ConfigError(f"{key} {message} (got {_get(self, key)!r})", key=key)
+        self._validate_loss_selection()
+
+    def _validate_loss_selection(self) -> None:
+        """dpo.losses only with weighted_sum, and no hyper-parameter of a loss that is not selected."""
+        dpo = self.dpo
+        if dpo.loss == "weighted_sum":
+            if not dpo.losses:
+                raise ConfigError("dpo.losses must list the terms when dpo.loss is weighted_sum, "
+                                  "e.g. [{name: sigmoid, weight: 1.0}, {name: nll, weight: 0.2}]", key="dpo.losses")
+            names = [term.name for term in dpo.losses]
+            for index, term in enumerate(dpo.losses):
+                if not term.weight > 0:
+                    raise ConfigError(f"dpo.losses[{index}].weight must be positive (got {term.weight!r})", key="dpo.losses")
+                if term.name in names[:index]:
+                    raise ConfigError(f"dpo.losses[{index}]: {term.name} is listed twice. Fix: give it one entry "
+                                      "with the summed weight", key="dpo.losses")
+            if set(names) == {"nll"}:
+                raise ConfigError("dpo.losses holds only nll, which learns nothing from the rejected responses. "
+                                  "Fix: add a preference loss such as sigmoid", key="dpo.losses")
+            selected = set(names)
+            described = "weighted_sum of " + ", ".join(names)
+        else:
+            if dpo.losses:
+                raise ConfigError(f"dpo.losses is only read when dpo.loss is weighted_sum (got dpo.loss={dpo.loss}). "
+                                  "Fix: set dpo.loss=weighted_sum, or remove dpo.losses", key="dpo.losses")
+            selected = {dpo.loss}
+            described = dpo.loss
+        for key, owners in LOSS_PARAMETERS.items():
+            value = getattr(dpo, key)
+            is_set = value is not None and not (key == "label_smoothing" and value == 0)
+            if is_set and not selected.intersection(owners):
+                raise ConfigError(f"dpo.{key} belongs to the {' and '.join(owners)} loss, but dpo.loss is {described}. "
+                                  f"Fix: remove dpo.{key}, or select {' or '.join(owners)}", key=f"dpo.{key}")
+        if "robust" in selected and dpo.robust_epsilon is None:
+            raise ConfigError("dpo.robust_epsilon is required by the robust loss: set it to the share of preference "
+                              "labels you expect to be flipped, e.g. 0.1", key="dpo.robust_epsilon")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -230,7 +302,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     except ConfigError as exc:
         key = exc.key or ""
         line = lines.get(key)
-        if key in overridden:
+        if key and any(o == key or o.startswith(key + ".") for o in overridden):
             where = "command-line override"
         else:
             where = f"{source}:{line}" if line else source
@@ -293,6 +365,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             values[name] = _build(hint, value, dotted + ".")
         else:
             values[name] = _coerce(value, hint, dotted)
+    for f in dataclasses.fields(cls):
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{f.name} is required", key=prefix.rstrip("."))
     return cls(**values)
 
 
@@ -318,6 +393,15 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         (item_type,) = args
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}", key=key)
+        if dataclasses.is_dataclass(item_type):
+            # Errors name the item (dpo.losses[1].name) but keep the list's key, whose YAML line is known.
+            items = []
+            for index, item in enumerate(value):
+                try:
+                    items.append(_build(item_type, item, f"{key}[{index}]."))
+                except ConfigError as exc:
+                    raise ConfigError(str(exc), key=key) from None
+            return items
         return [_coerce(item, item_type, key) for item in value]
     if hint is bool:
         if isinstance(value, bool):
@@ -350,6 +434,8 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(map(str, typing.get_args(hint)))
     if origin is list:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if dataclasses.is_dataclass(hint):
+        return "{" + ", ".join(f.name for f in dataclasses.fields(hint)) + "}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             type(None): "null"}.get(hint, str(hint))
 

@@ -365,13 +365,25 @@ def _end_with_eos(ids: list[int], eos: int | None, is_chat: bool) -> list[int]:
     return list(ids) + [eos]
 
 
-def load_preference_data(data_config: Any, tokenizer: Any, seed: int) -> PreferenceData:
-    """Read, validate, split and tokenize the train (and eval) pairs described by DataConfig."""
+@dataclass
+class ExampleSplits:
+    """Validated rows, before tokenization: reading them needs no tokenizer, so bad data is
+    reported before a model (a minute of loading for 8B) is touched."""
+
+    train: list[PreferenceExample]
+    eval: list[PreferenceExample]
+    reports: list[DataReport]
+    has_eval: bool
+
+
+def read_preference_examples(data_config: Any, seed: int) -> ExampleSplits:
+    """Read and validate the train (and eval) rows described by DataConfig, and split off eval."""
     columns = (data_config.prompt_column, data_config.chosen_column, data_config.rejected_column)
     train_report = DataReport(data_config.train_file)
     train_examples = load_examples(data_config.train_file, data_config.train_split, columns,
                                    data_config.on_bad_row, train_report)
     reports = [train_report]
+    eval_examples: list[PreferenceExample] = []
     if data_config.eval_file:
         eval_report = DataReport(data_config.eval_file)
         eval_examples = load_examples(data_config.eval_file, data_config.eval_split, columns,
@@ -388,14 +400,23 @@ def load_preference_data(data_config: Any, tokenizer: Any, seed: int) -> Prefere
         eval_report.rows = len(eval_examples)
         train_report.rows -= len(eval_examples)
         reports.append(eval_report)
-    else:
-        eval_examples, eval_report = [], None
-    train = tokenize_examples(train_examples, tokenizer, data_config.max_length, data_config.max_prompt_length, train_report)
+    return ExampleSplits(train_examples, eval_examples, reports, has_eval=len(reports) > 1)
+
+
+def tokenize_preference_data(splits: ExampleSplits, data_config: Any, tokenizer: Any) -> PreferenceData:
+    """Tokenize both splits, counting truncations and drops into each split's report."""
+    train = tokenize_examples(splits.train, tokenizer, data_config.max_length, data_config.max_prompt_length,
+                              splits.reports[0])
     if not train:
         raise DataError(f"{data_config.train_file}: no pairs left after truncation (all chosen/rejected became identical). "
                         "Fix: raise data.max_length or lower data.max_prompt_length")
     evaluation = []
-    if eval_report is not None:
-        evaluation = tokenize_examples(eval_examples, tokenizer, data_config.max_length,
-                                       data_config.max_prompt_length, eval_report)
-    return PreferenceData(train, evaluation, eval_examples, reports)
+    if splits.has_eval:
+        evaluation = tokenize_examples(splits.eval, tokenizer, data_config.max_length,
+                                       data_config.max_prompt_length, splits.reports[1])
+    return PreferenceData(train, evaluation, splits.eval, splits.reports)
+
+
+def load_preference_data(data_config: Any, tokenizer: Any, seed: int) -> PreferenceData:
+    """Read, validate, split and tokenize the train (and eval) pairs described by DataConfig."""
+    return tokenize_preference_data(read_preference_examples(data_config, seed), data_config, tokenizer)

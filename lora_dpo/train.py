@@ -25,9 +25,9 @@ import torch
 
 from .batching import PairLogps, collate, pair_logps
 from .config import Config, save_config
-from .data import TokenizedPair, load_preference_data
+from .data import TokenizedPair, read_preference_examples, tokenize_preference_data
 from .errors import LoraDpoError
-from .losses import sigmoid_dpo_loss
+from .losses import needs_reference, preference_loss
 from .modeling import load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device, save_adapter, trainable_parameters
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,9 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
     check_output_dir(out, overwrite)
     _seed_everything(config.train.seed)
     device = resolve_device(config.model)
+    examples = read_preference_examples(config.data, config.train.seed)
     tokenizer = load_tokenizer(config.model)
-    data = load_preference_data(config.data, tokenizer, config.train.seed)
+    data = tokenize_preference_data(examples, config.data, tokenizer)
     for report in data.reports:
         log.info("data %s", report.summary())
     model = load_model(config, device)
@@ -101,12 +102,13 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
 
     def dpo_forward(pairs: list[TokenizedPair]) -> tuple[Any, PairLogps, int]:
         batch = collate(pairs, pad_id).to(device)
-        with torch.no_grad(), reference_model(model), autocast:
-            reference = pair_logps(model, batch, chunk)
+        reference = None
+        if needs_reference(config.dpo):  # SimPO/ORPO: no reference, one forward over every token saved
+            with torch.no_grad(), reference_model(model), autocast:
+                reference = pair_logps(model, batch, chunk)
         with autocast:
             policy = pair_logps(model, batch, chunk)
-        result = sigmoid_dpo_loss(policy.chosen, policy.rejected, reference.chosen, reference.rejected,
-                                  beta=config.dpo.beta, label_smoothing=config.dpo.label_smoothing)
+        result = preference_loss(config.dpo, policy, reference)
         return result, policy, batch.num_tokens
 
     def evaluate() -> dict[str, float]:

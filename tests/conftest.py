@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random-init models and the project's own tokenizer, built once per session.
+
+Nothing here touches the network: the models are built from configs and saved to a temporary
+directory, and HF_HUB_OFFLINE makes any accidental hub access fail fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64) with the demo tokenizer, saved with save_pretrained."""
+    from lora_dpo.demo import build_demo_base
+
+    return build_demo_base(tmp_path_factory.mktemp("llama"), arch="llama", hidden_size=64, layers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory) -> Path:
+    """A 2-layer Qwen2 (biases on q/k/v) with the demo tokenizer."""
+    from lora_dpo.demo import build_demo_base
+
+    return build_demo_base(tmp_path_factory.mktemp("qwen"), arch="qwen2", hidden_size=64, layers=2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama_dir)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def make_config(model_dir: Path, train_file: Path, out_dir: Path, *overrides: str):
+    """A small, fast config for the tiny models; extra key=value overrides win."""
+    from lora_dpo.config import load_config
+
+    base = [
+        f"model.name_or_path={model_dir}",
+        f"data.train_file={train_file}",
+        f"output.dir={out_dir}",
+        "data.max_length=128",
+        "data.max_prompt_length=48",
+        "lora.r=8",
+        "lora.dropout=0.0",
+        "train.micro_batch_size=4",
+        "train.gradient_accumulation_steps=1",
+        "train.max_steps=3",
+        "train.optim=adamw",
+        "train.learning_rate=1e-3",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def demo_rows():
+    from lora_dpo.demo import TRAIN_TOPICS, demo_pairs
+
+    return demo_pairs(TRAIN_TOPICS, 32, seed=3)

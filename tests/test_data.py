@@ -1,0 +1,202 @@
+"""Preference files: formats, row validation, chat rendering, tokenization and truncation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import write_jsonl
+
+from lora_dpo.config import DataConfig
+from lora_dpo.data import (DataReport, PreferenceExample, load_examples, load_preference_data, render,
+                           tokenize_examples)
+from lora_dpo.errors import DataError
+
+COLUMNS = ("prompt", "chosen", "rejected")
+GOOD = {"prompt": "Say hi.", "chosen": "Hi there!", "rejected": "No."}
+
+
+def load(path, on_bad_row="error"):
+    report = DataReport(str(path))
+    return load_examples(str(path), "train", COLUMNS, on_bad_row, report), report
+
+
+@pytest.mark.parametrize("row,field,problem", [
+    ({"prompt": "p", "rejected": "r"}, "chosen", "missing"),
+    ({"prompt": "p", "chosen": "c"}, "rejected", "missing"),
+    ({"chosen": "c", "rejected": "r"}, "prompt", "missing"),
+    ({"prompt": "p", "chosen": None, "rejected": "r"}, "chosen", "must be a string or a list of chat messages, got null"),
+    ({"prompt": "p", "chosen": 3, "rejected": "r"}, "chosen", "got int"),
+    ({"prompt": "p", "chosen": "c", "rejected": ""}, "rejected", "is empty"),
+    ({"prompt": "p", "chosen": "   \n", "rejected": "r"}, "chosen", "is empty"),
+    ({"prompt": "   ", "chosen": "c", "rejected": "r"}, "prompt", "is empty"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "rejected", "is identical to chosen"),
+    ({"prompt": "p", "chosen": "c", "rejected": [{"role": "assistant", "content": "r"}]}, "rejected", "mix plain text and chat"),
+    ({"prompt": "p", "chosen": [{"role": "assistant", "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}]},
+     "prompt", "is plain text but the responses are chat messages"),
+    ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "robot", "content": "c"}],
+      "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "unknown role 'robot'"),
+    ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": 5}],
+      "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "content must be a string"),
+    ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant"}],
+      "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "not an object with 'role' and 'content'"),
+])
+def test_each_bad_row_kind_names_file_line_field_and_fix(tmp_path, row, field, problem):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, row])
+    with pytest.raises(DataError) as info:
+        load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:2: field '{field}': ")
+    assert problem in message
+    assert "Fix:" in message and "data.on_bad_row=skip" in message
+
+
+def test_skip_policy_counts_and_logs_each_bad_row(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"prompt": "p"}, GOOD, {"prompt": "p", "chosen": "x", "rejected": "x"}])
+    examples, report = load(path, on_bad_row="skip")
+    assert len(examples) == 2 and report.skipped == 2 and report.rows == 4
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]
+    assert [m.split(":")[1] for m in skipped] == ["2", "4"]
+
+
+def test_invalid_json_and_truncated_last_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n{not json}\n")
+    with pytest.raises(DataError, match=rf"{path}:2: invalid JSON .*each line must be one JSON object"):
+        load(path)
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD)[:20])
+    with pytest.raises(DataError, match=rf"{path}:2: invalid JSON .*the last line looks cut off"):
+        load(path)
+
+
+def test_bom_is_accepted_and_non_utf8_is_reported(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    assert len(load(path)[0]) == 1
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=rf"{path}:2: not UTF-8 text"):
+        load(path)
+
+
+def test_empty_file_and_missing_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n")
+    with pytest.raises(DataError, match="no usable preference pairs"):
+        load(path)
+    with pytest.raises(DataError, match="file not found"):
+        load(tmp_path / "nope.jsonl")
+
+
+def test_mixed_plain_and_chat_rows_in_one_file(tmp_path):
+    chat = {"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "c"}],
+            "rejected": [{"role": "assistant", "content": "r"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, chat])
+    with pytest.raises(DataError, match=rf"{path}:2: .*chat messages but earlier rows are plain text"):
+        load(path)
+
+
+def test_json_and_parquet_files(tmp_path):
+    rows = [GOOD, {**GOOD, "chosen": "Hello!"}]
+    json_path = tmp_path / "d.json"
+    json_path.write_text(json.dumps(rows))
+    assert [e.chosen for e in load(json_path)[0]] == ["Hi there!", "Hello!"]
+    json_path.write_text(json.dumps([GOOD, {"prompt": "p"}]))
+    with pytest.raises(DataError, match=rf"{json_path}:row 1: field 'chosen': missing"):
+        load(json_path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet_path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet_path)
+    assert [e.chosen for e in load(parquet_path)[0]] == ["Hi there!", "Hello!"]
+
+
+def test_configurable_columns(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": "q?", "good": "yes", "bad": "no"}])
+    report = DataReport(str(path))
+    (example,) = load_examples(str(path), "train", ("question", "good", "bad"), "error", report)
+    assert (example.prompt, example.chosen, example.rejected) == ("q?", "yes", "no")
+
+
+def test_full_conversations_share_their_prompt():
+    user = {"role": "user", "content": "Hello?"}
+    row = {"chosen": [user, {"role": "assistant", "content": "Hi!"}], "rejected": [user, {"role": "assistant", "content": "Go."}]}
+    from lora_dpo.data import parse_row
+
+    prompt, chosen, rejected = parse_row(row, *COLUMNS)
+    assert prompt == [user]
+    assert chosen == [{"role": "assistant", "content": "Hi!"}] and rejected == [{"role": "assistant", "content": "Go."}]
+    # a prompt column plus full conversations: the prompt part is stripped from the responses
+    prompt, chosen, _ = parse_row({"prompt": [user], **row}, *COLUMNS)
+    assert prompt == [user] and chosen == [{"role": "assistant", "content": "Hi!"}]
+
+
+def test_chat_rendering_uses_the_template(tokenizer):
+    example = PreferenceExample([{"role": "user", "content": "Tell me about tea."}],
+                                [{"role": "assistant", "content": "Tea is lovely."}],
+                                [{"role": "assistant", "content": "No."}], "x:1")
+    prompt, chosen, rejected = render(example, tokenizer)
+    assert prompt == "<|bos|><|im_start|>user\nTell me about tea.<|im_end|>\n<|im_start|>assistant\n"
+    assert chosen == "Tea is lovely.<|im_end|>\n"
+    assert rejected == "No.<|im_end|>\n"
+    (pair,) = tokenize_examples([example], tokenizer, 128, 64, DataReport("x"))
+    assert pair.prompt_ids[0] == tokenizer.bos_token_id and pair.prompt_ids.count(tokenizer.bos_token_id) == 1
+    assert tokenizer.decode(pair.chosen_ids) == "Tea is lovely.<|im_end|>\n"  # the template's end of turn is the EOS
+    assert pair.chosen_ids.count(tokenizer.eos_token_id) == 1
+
+
+def test_chat_rows_without_a_chat_template(tokenizer):
+    import copy
+
+    plain = copy.copy(tokenizer)
+    plain.chat_template = None
+    example = PreferenceExample([{"role": "user", "content": "p"}], [{"role": "assistant", "content": "c"}],
+                                [{"role": "assistant", "content": "r"}], "f.jsonl:3")
+    with pytest.raises(DataError, match="f.jsonl:3: rows are chat messages but the tokenizer has no chat template"):
+        render(example, plain)
+
+
+def test_plain_rows_get_bos_and_eos(tokenizer):
+    (pair,) = tokenize_examples([PreferenceExample("Say hi.", " Hi there!", " No.", "x:1")], tokenizer, 128, 64, DataReport("x"))
+    assert pair.prompt_ids == tokenizer("Say hi.").input_ids and pair.prompt_ids[0] == tokenizer.bos_token_id
+    assert pair.chosen_ids == tokenizer(" Hi there!", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert pair.rejected_ids[-1] == tokenizer.eos_token_id
+
+
+def test_truncation_keeps_the_prompt_end_and_the_response_start(tokenizer):
+    words = " ".join(f"w{i}" for i in range(60))
+    example = PreferenceExample("start " + words + " END", " kind answer " + words, " rude", "x:1")
+    report = DataReport("x")
+    (pair,) = tokenize_examples([example], tokenizer, max_length=40, max_prompt_length=16, report=report)
+    full_prompt = tokenizer("start " + words + " END").input_ids
+    assert pair.prompt_ids == full_prompt[-16:]  # the end of the prompt is kept
+    assert tokenizer.decode(pair.prompt_ids).endswith(" END")
+    full_chosen = tokenizer(" kind answer " + words, add_special_tokens=False).input_ids
+    assert pair.chosen_ids == full_chosen[:24]  # responses are cut at their end, losing the EOS
+    assert tokenizer.eos_token_id not in pair.chosen_ids and pair.rejected_ids[-1] == tokenizer.eos_token_id
+    assert (report.truncated_prompts, report.truncated_responses, report.dropped) == (1, 1, 0)
+
+
+def test_pairs_identical_after_truncation_are_dropped_and_counted(tokenizer):
+    shared = " same words " * 20
+    example = PreferenceExample("p", shared + "good", shared + "bad", "x:1")
+    report = DataReport("x")
+    assert tokenize_examples([example, PreferenceExample("p", " a", " b", "x:2")], tokenizer, 20, 8, report) != []
+    assert report.dropped == 1
+    assert "1 pairs dropped" in report.summary()
+
+
+def test_eval_fraction_split_is_seeded_and_disjoint(tmp_path, tokenizer):
+    rows = [{"prompt": f"p{i}", "chosen": f" c{i}", "rejected": f" r{i}"} for i in range(40)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    config = DataConfig(train_file=str(path), eval_fraction=0.25)
+    a = load_preference_data(config, tokenizer, seed=1)
+    b = load_preference_data(config, tokenizer, seed=1)
+    c = load_preference_data(config, tokenizer, seed=2)
+    assert (len(a.train), len(a.eval)) == (30, 10)
+    key = lambda pairs: sorted(tuple(p.prompt_ids) for p in pairs)  # noqa: E731
+    assert key(a.eval) == key(b.eval) and key(a.eval) != key(c.eval)
+    assert not set(key(a.eval)) & set(key(a.train))
+    config = DataConfig(train_file=str(path), eval_file=str(path))
+    both = load_preference_data(config, tokenizer, seed=1)
+    assert (len(both.train), len(both.eval)) == (40, 40)
