@@ -119,6 +119,7 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """Unreadable lines are yielded as RowError, so on_bad_row decides between stopping and skipping."""
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
@@ -127,14 +128,15 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{where}: not UTF-8 text (byte {exc.start}). Fix: re-save the file as UTF-8") from None
+                yield where, RowError(None, f"not UTF-8 text (byte {exc.start})", "re-save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as exc:
-                hint = "the last line looks cut off" if not raw.endswith(b"\n") else "each line must be one JSON object"
-                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}). Fix: {hint}") from None
+                fix = "the last line looks cut off: complete or delete it" if not raw.endswith(b"\n") else "each line must be one JSON object"
+                yield where, RowError(None, f"invalid JSON ({exc.msg} at column {exc.colno})", fix)
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
@@ -185,6 +187,8 @@ def _read_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
 
 def parse_row(row: Any, prompt_column: str, chosen_column: str, rejected_column: str) -> tuple[Text, Text, Text]:
     """Check one row and return (prompt, chosen, rejected) in one consistent shape, or raise RowError."""
+    if isinstance(row, RowError):
+        raise row
     if not isinstance(row, dict):
         raise RowError(None, f"a row must be a JSON object, got {type(row).__name__}",
                        f"write each row as {{\"{prompt_column}\": ..., \"{chosen_column}\": ..., \"{rejected_column}\": ...}}")
