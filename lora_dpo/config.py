@@ -161,6 +161,12 @@ class TrainConfig:
     """Save the adapter to checkpoint-STEP every this many steps (0: only at the end)."""
     log_every: int = 1
     """Write a metrics line every this many steps."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted only after a newer one is fully written."""
+    resume: Literal["never", "auto", "always"] = "never"
+    """Continue from the newest complete checkpoint in output.dir: auto when there is one, always (as --resume) or never."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped, not applied)."""
 
 
 @dataclass
@@ -215,6 +221,8 @@ class Config:
             (self.train.eval_every >= 0, "train.eval_every", "must be >= 0"),
             (self.train.save_every >= 0, "train.save_every", "must be >= 0"),
             (self.train.log_every > 0, "train.log_every", "must be positive"),
+            (self.train.keep_last > 0, "train.keep_last", "must be positive"),
+            (self.train.max_bad_steps > 0, "train.max_bad_steps", "must be positive"),
             (bool(self.output.dir), "output.dir", "is required"),
         ]
         for ok, key, message in checks:
@@ -254,8 +262,8 @@ class Config:
                 raise ConfigError(f"dpo.{key} belongs to the {' and '.join(owners)} loss, but dpo.loss is {described}. "
                                   f"Fix: remove dpo.{key}, or select {' or '.join(owners)}", key=f"dpo.{key}")
         if "robust" in selected and dpo.robust_epsilon is None:
-            raise ConfigError("dpo.robust_epsilon is required by the robust loss: set it to the share of preference "
-                              "labels you expect to be flipped, e.g. 0.1", key="dpo.robust_epsilon")
+            raise ConfigError("dpo.robust_epsilon is required by the robust loss. Fix: set it to the share of "
+                              "preference labels you expect to be flipped, e.g. dpo.robust_epsilon=0.1", key="dpo.robust_epsilon")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -356,7 +364,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for key in raw:
         if key not in fields:
             dotted = f"{prefix}{key}"
-            raise ConfigError(f"unknown key {dotted}{_suggest(dotted)}", key=dotted)
+            # An item of a list of mappings (dpo.losses[0].) has only its own keys to offer.
+            hint = f" (valid keys: {', '.join(fields)})" if "[" in prefix else _suggest(dotted)
+            raise ConfigError(f"unknown key {dotted}{hint}", key=dotted)
     values = {}
     for name, value in raw.items():
         dotted = f"{prefix}{name}"
