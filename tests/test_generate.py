@@ -1,0 +1,135 @@
+"""`lora-dpo generate`: base + adapter answers like the merged model, --compare shows the base's and
+the adapter's answers, prompts are rendered as training rendered them, and sampling is seeded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_config, write_jsonl
+
+from lora_dpo.cli import main
+
+PROMPTS = ["Can you tell me about bread?", "Give me a tip about chess."]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, llama_dir, tokenizer):
+    """A run directory as training leaves it (adapter, tokenizer, config.yaml), with a random adapter
+    (peft's init_lora_weights=False) so that it changes the model a lot."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lora_dpo.config import save_config
+
+    run = tmp_path_factory.mktemp("gen") / "run"
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(run)
+    tokenizer.save_pretrained(run)
+    save_config(make_config(llama_dir, run / "unused.jsonl", run, "model.load_in_4bit=false"), run / "config.yaml")
+    return run
+
+
+@pytest.fixture(scope="module")
+def merged_dir(adapter_dir):
+    from lora_dpo.merge import merge_adapter
+
+    out = adapter_dir.parent / "merged"
+    merge_adapter(adapter_dir, out, verify=False)
+    return out
+
+
+def answers(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_adapter_compare_and_merged_model_agree(adapter_dir, merged_dir, llama_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n\n")
+    greedy = ["--temperature", "0", "--max-new-tokens", "8", "--device", "cpu"]
+    for name, model in (("adapter", adapter_dir), ("merged", merged_dir), ("base", llama_dir)):
+        assert main(["generate", str(model), "--prompts", str(prompts), "--output", str(tmp_path / f"{name}.jsonl"), *greedy]) == 0
+    assert main(["generate", str(adapter_dir), "--prompts", str(prompts), "--compare",
+                 "--output", str(tmp_path / "compare.jsonl"), *greedy]) == 0
+    printed = capsys.readouterr().out
+
+    adapter = [row["response"] for row in answers(tmp_path / "adapter.jsonl")]
+    merged = [row["response"] for row in answers(tmp_path / "merged.jsonl")]
+    base = [row["response"] for row in answers(tmp_path / "base.jsonl")]
+    compare = answers(tmp_path / "compare.jsonl")
+    assert [row["prompt"] for row in compare] == PROMPTS
+    assert adapter == merged
+    assert [row["base"] for row in compare] == base  # --compare's base is the adapter switched off
+    assert [row["adapter"] for row in compare] == adapter
+    assert adapter != base
+    assert "### prompt 2/2" in printed and "--- base" in printed and "--- adapter" in printed
+    assert f"# 16-bit {llama_dir} + adapter {adapter_dir}" in printed
+
+
+def test_prompts_render_as_in_training(tokenizer):
+    from lora_dpo.errors import LoraDpoError
+    from lora_dpo.generate import prompt_ids
+
+    chat = tokenizer.decode(prompt_ids(tokenizer, "Hi there", chat_template=True))
+    assert chat == "<|bos|><|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    assert tokenizer.decode(prompt_ids(tokenizer, messages, chat_template=True)) == (
+        "<|bos|><|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenizer.decode(prompt_ids(tokenizer, "Hi there", chat_template=False)) == "<|bos|>Hi there"
+    with pytest.raises(LoraDpoError, match="--no-chat-template was given"):
+        prompt_ids(tokenizer, messages, chat_template=False)
+
+
+def test_sampling_is_seeded(merged_dir):
+    from lora_dpo.generate import SamplingSettings, generate_answer, load_generator, prompt_ids
+
+    generator = load_generator(str(merged_dir), None, "cpu", "auto")
+    assert not generator.has_adapter
+    ids = prompt_ids(generator.tokenizer, PROMPTS[0], chat_template=True)
+    settings = SamplingSettings(max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0)
+    first, again = generate_answer(generator, ids, settings, seed=1), generate_answer(generator, ids, settings, seed=1)
+    assert first == again
+    assert generate_answer(generator, ids, settings, seed=2) != first
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0)
+    assert generate_answer(generator, ids, greedy, seed=1) == generate_answer(generator, ids, greedy, seed=2)
+
+
+def test_prompts_from_a_preference_file(merged_dir, demo_rows, tmp_path, capsys):
+    rows = write_jsonl(tmp_path / "pairs.jsonl", demo_rows[:2])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", str(merged_dir), "--prompts", str(rows), "--prompt", "Hello?", "--max-new-tokens", "4",
+                 "--output", str(out)]) == 0
+    got = answers(out)
+    assert [row["prompt"] for row in got] == ["Hello?"] + [row["prompt"] for row in demo_rows[:2]]
+    assert all(isinstance(row["response"], str) for row in got)
+
+    assert main(["generate", str(merged_dir), "--prompts", str(rows), "--prompt-column", "question"]) == 2
+    assert "pairs.jsonl:1: no 'question' field. Fix: set --prompt-column" in capsys.readouterr().err
+
+
+def test_side_by_side_layout():
+    from lora_dpo.generate import format_answers
+
+    answers_ = {"base": "short", "adapter": "a much longer answer " * 6}
+    wide = format_answers(answers_, width=100).splitlines()
+    assert wide[0].split("|")[0].strip() == "base" and wide[0].split("|")[1].strip() == "adapter"
+    assert all(len(line) <= 100 for line in wide) and len(wide) > 3
+    assert all(line.index("|") == 49 for line in wide)
+    assert format_answers(answers_, width=60) == f"--- base\nshort\n--- adapter\n{answers_['adapter']}"
+
+
+def test_user_mistakes(merged_dir, llama_dir, tmp_path, capsys):
+    cases = [
+        (["--prompt", "Hi", "--compare"], "--compare needs an adapter directory"),
+        ([], "no prompts. Fix: pass --prompt TEXT or --prompts FILE"),
+        (["--prompt", "Hi", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+        (["--prompt", "Hi", "--base", str(llama_dir)], "--base applies to adapter directories"),
+        (["--prompts", str(tmp_path / "nope.txt")], "nope.txt: file not found"),
+        (["--prompt", "Hi", "--output", str(tmp_path / "no" / "out.jsonl")], "does not exist. Fix: create it"),
+    ]
+    for extra, message in cases:
+        assert main(["generate", str(merged_dir), *extra]) == 2, extra
+        assert message in capsys.readouterr().err

@@ -1,0 +1,279 @@
+"""`lora-dpo merge`: the merged model equals base + adapter, the dequantized variant reproduces the
+4-bit model that was trained, the output directory and report are complete, and mistakes fail cleanly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import make_config, write_jsonl
+
+from lora_dpo.cli import main
+from lora_dpo.demo import EVAL_TOPICS, build_demo_base, demo_pairs
+
+TEXT = "Can you tell me about bread? Of course! Bread is a wonderful subject."
+
+
+@pytest.fixture(scope="module")
+def run16(tmp_path_factory, llama_dir, demo_rows):
+    """An adapter trained on the float32 base; 8 of its 32 pairs held out by the seeded split; a checkpoint at step 2."""
+    from lora_dpo.train import train
+
+    tmp = tmp_path_factory.mktemp("run16")
+    # A large learning rate makes the adapter move the logits far more than any tolerance below.
+    train(make_config(llama_dir, write_jsonl(tmp / "t.jsonl", demo_rows), tmp / "run", "model.load_in_4bit=false",
+                      "train.learning_rate=5e-2", "data.eval_fraction=0.25", "train.save_every=2"), progress=False)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def run4(tmp_path_factory, llama_dir, demo_rows):
+    """An adapter trained on the 4-bit NF4 base (double quant), with a separate eval file."""
+    from lora_dpo.train import train
+
+    tmp = tmp_path_factory.mktemp("run4")
+    eval_file = write_jsonl(tmp / "eval.jsonl", demo_pairs(EVAL_TOPICS, 6, seed=5))
+    train(make_config(llama_dir, write_jsonl(tmp / "t.jsonl", demo_rows), tmp / "run", "model.load_in_4bit=true",
+                      "train.learning_rate=5e-2", f"data.eval_file={eval_file}"), progress=False)
+    return tmp / "run"
+
+
+def logits(model, tokenizer, text=TEXT):
+    ids = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits.float()
+
+
+def load_plain(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def four_bit_with_adapter(base_dir, adapter_dir):
+    """The model training optimised, built with transformers/bitsandbytes/peft directly."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora_dpo.modeling import _keep_cpu_4bit_trainable
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, quantization_config=quant,
+                                                device_map={"": "cpu"})
+    _keep_cpu_4bit_trainable(base)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def partial_dirs(parent):
+    return [p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+def test_fp32_merge_equals_base_plus_adapter(run16, llama_dir, tokenizer, tmp_path, capsys):
+    from peft import PeftModel
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(run16), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja", "merge_report.json"} <= files
+    assert not files & {"adapter_config.json", "adapter_model.safetensors"}
+    assert partial_dirs(tmp_path) == []
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"  # auto: as the base was saved
+
+    merged = logits(load_plain(out), tokenizer)
+    reference = logits(PeftModel.from_pretrained(load_plain(llama_dir), str(run16)).eval(), tokenizer)
+    base = logits(load_plain(llama_dir), tokenizer)
+    assert (merged - reference).abs().max() < 1e-4
+    assert (base - reference).abs().max() > 0.05  # the adapter matters, so the merge was not a no-op
+
+    report = json.loads((out / "merge_report.json").read_text())
+    check = report["verification"]
+    assert report["base_weights"] == "original" and report["trained_in_4bit"] is False and report["shards"] == 1
+    assert check["pairs"] == 8 and "held-out share 0.25" in check["data"]  # the run's own seeded split
+    assert check["reference"].startswith("16-bit base + adapter")
+    assert check["logp_abs_diff_max"] < 1e-3 and check["logp_abs_diff_per_token"] < 1e-5
+    assert check["decision_agreement"] == 1.0 and check["flipped_pairs"] == []
+    assert check["passed"] is True and check["warning"] is None
+    assert "verification on 8 held-out pairs" in printed and "WARNING" not in printed
+
+
+def test_dequantized_merge_reproduces_the_trained_4bit_model(run4, llama_dir, tokenizer, tmp_path):
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+
+    from lora_dpo.merge import merge_adapter
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(run4), "--out", str(out), "--base-weights", "dequantized", "--max-shard-size", "100KB"]) == 0
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (out / "model.safetensors.index.json").is_file()
+    merged_model = load_plain(out)  # transformers alone reassembles the shards
+
+    trained = four_bit_with_adapter(llama_dir, run4)
+    trained_logits = logits(trained, tokenizer)
+    dequantized_gap = (logits(merged_model, tokenizer) - trained_logits).abs().max()
+    original = merge_adapter(run4, tmp_path / "original", verify=False)
+    assert original.verification is None
+    original_gap = (logits(load_plain(tmp_path / "original"), tokenizer) - trained_logits).abs().max()
+    assert dequantized_gap < 1e-4
+    assert original_gap > 100 * dequantized_gap  # the naive merge is a different model
+
+    # Every linear weight is dequant(W_nf4) + (alpha / r) * B @ A.
+    adapter = load_file(str(run4 / "adapter_model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    quantized = trained.get_base_model().get_submodule(name).base_layer
+    assert isinstance(quantized, bnb.nn.Linear4bit)
+    dequantized = bnb.functional.dequantize_4bit(quantized.weight.data, quantized.weight.quant_state)
+    a, b = adapter[f"base_model.model.{name}.lora_A.weight"], adapter[f"base_model.model.{name}.lora_B.weight"]
+    expected = dequantized + (32.0 / 8) * b @ a
+    assert torch.allclose(merged_model.get_submodule(name).weight, expected, atol=1e-6)
+
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["dequantized_layers"] == 2 * 7 and report["shards"] == len(shards)
+    check = report["verification"]
+    assert check["reference"].startswith("4-bit NF4 base + adapter") and check["pairs"] == 6
+    assert check["data"].endswith("eval.jsonl") and check["passed"] is True
+    assert check["logp_abs_diff_per_token"] < 1e-5
+
+
+def test_original_merge_of_a_4bit_adapter_reports_the_gap(run4, tmp_path, capsys):
+    from safetensors import safe_open
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(run4), "--out", str(out), "--dtype", "bfloat16", "--verify-pairs", "4",
+                 "--max-logp-diff", "1e-4"]) == 0
+    printed = capsys.readouterr().out
+    assert "WARNING: the merged model does not behave like the trained base + adapter" in printed
+    assert "--base-weights dequantized" in printed
+    report = json.loads((out / "merge_report.json").read_text())
+    check = report["verification"]
+    assert set(check) == {"reference", "data", "pairs", "logp_abs_diff_mean", "logp_abs_diff_max",
+                          "logp_abs_diff_per_token", "decision_agreement", "flipped_pairs", "reference_accuracy",
+                          "merged_accuracy", "max_logp_diff", "passed", "warning"}
+    assert check["pairs"] == 4 and check["max_logp_diff"] == 1e-4
+    assert check["logp_abs_diff_per_token"] > 1e-4 and check["passed"] is False and "nats per token" in check["warning"]
+    assert check["logp_abs_diff_max"] >= check["logp_abs_diff_mean"] > 0
+    assert report["dtype"] == "bfloat16" and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert {handle.get_tensor(key).dtype for key in handle.keys()} == {torch.bfloat16}
+
+
+def test_checkpoint_directory_uses_its_runs_config(run16, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["merge", str(run16 / "checkpoint-2"), "--out", str(out)]) == 0
+    check = json.loads((out / "merge_report.json").read_text())["verification"]
+    assert check["pairs"] == 8 and check["passed"] is True
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_output_directory_rules(run16, tmp_path, capsys):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["merge", str(run16), "--out", str(out), "--no-verify"]) == 2
+    assert "is not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+
+    assert main(["merge", str(run16), "--out", str(out), "--no-verify", "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "merge_report.json").read_text())["verification"] is None
+    assert partial_dirs(tmp_path) == []
+
+    for target in (run16, run16.parent):  # the adapter itself, or a directory holding it
+        assert main(["merge", str(run16), "--out", str(target), "--overwrite", "--no-verify"]) == 2
+        assert "an input of this merge" in capsys.readouterr().err
+    assert (run16 / "adapter_model.safetensors").is_file()
+
+    (tmp_path / "file").write_text("x")
+    assert main(["merge", str(run16), "--out", str(tmp_path / "file"), "--no-verify"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+    assert main(["merge", str(run16), "--out", str(tmp_path / "d"), "--base-weights", "dequantized"]) == 2
+    assert "trained on a 16-bit base" in capsys.readouterr().err
+
+
+def test_adapter_that_does_not_fit_the_base(run16, tmp_path, capsys):
+    wide = build_demo_base(tmp_path / "wide", hidden_size=128, layers=2)
+    out = tmp_path / "merged"
+    assert main(["merge", str(run16), "--out", str(out), "--base", str(wide), "--no-verify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "the adapter does not fit the base" in err and "size mismatch" in err and "Fix: pass --base" in err
+    assert not out.exists() and partial_dirs(tmp_path) == []
+
+    assert main(["merge", str(run16), "--out", str(out), "--base", str(tmp_path / "nowhere")]) == 2
+    assert "cannot load the base model" in capsys.readouterr().err
+
+
+def test_corrupted_adapter_files(run16, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(run16, bad, ignore=shutil.ignore_patterns("checkpoint-*"))
+    weights = bad / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # cut off mid-header
+    out = tmp_path / "merged"
+    assert main(["merge", str(bad), "--out", str(out)]) == 2
+    assert "looks corrupted or cut off" in capsys.readouterr().err and not out.exists()
+
+    from safetensors.torch import load_file, save_file
+
+    complete = load_file(str(run16 / "adapter_model.safetensors"))
+    partial = {k: v for k, v in complete.items() if ".layers.1." not in k}  # a valid file missing layer 1
+    save_file(partial, str(weights))
+    assert main(["merge", str(bad), "--out", str(out), "--no-verify"]) == 2
+    assert "the adapter weights do not match the layers it adapts" in capsys.readouterr().err and not out.exists()
+
+    diverged = dict(complete)
+    first = sorted(diverged)[0]
+    diverged[first] = torch.full_like(diverged[first], float("nan"))
+    save_file(diverged, str(weights))
+    assert main(["merge", str(bad), "--out", str(out)]) == 2
+    assert f"hold NaN or inf (first: {first}), training diverged" in capsys.readouterr().err
+
+    (bad / "adapter_config.json").write_text("{not json")
+    assert main(["merge", str(bad), "--out", str(out)]) == 2
+    assert "adapter_config.json: not valid JSON" in capsys.readouterr().err
+
+    assert main(["merge", str(tmp_path), "--out", str(out)]) == 2
+    assert "no adapter_config.json here" in capsys.readouterr().err
+
+
+def test_adapter_without_its_run_needs_verify_data(run4, tmp_path, demo_rows, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(run4 / name, bare / name)
+    out = tmp_path / "merged"
+    assert main(["merge", str(bare), "--out", str(out)]) == 2
+    assert "pass --verify-data FILE, or --no-verify" in capsys.readouterr().err
+
+    missing = tmp_path / "missing.jsonl"
+    assert main(["merge", str(bare), "--out", str(out), "--verify-data", str(missing)]) == 2
+    assert "missing.jsonl: file not found" in capsys.readouterr().err
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", demo_rows[:3])
+    assert main(["merge", str(bare), "--out", str(out), "--verify-data", str(pairs)]) == 0
+    check = json.loads((out / "merge_report.json").read_text())["verification"]
+    # Without config.yaml the project defaults apply: the reference is the 4-bit NF4 base.
+    assert check["data"] == str(pairs) and check["pairs"] == 3 and check["reference"].startswith("4-bit NF4")
+    assert (out / "tokenizer.json").is_file()  # taken from the base
+
+
+def test_a_failure_leaves_no_partial_output(run16, tmp_path, monkeypatch):
+    from lora_dpo import merge
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(merge, "_score_saved", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        merge.merge_adapter(run16, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # the old --out survives a failed merge
+    assert partial_dirs(tmp_path) == []
