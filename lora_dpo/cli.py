@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import LoraDpoError
+from .errors import Interrupted, LoraDpoError
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("config", nargs=None if config_required else "?", help="YAML config file")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.learning_rate=1e-4")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
+        sub.add_argument("--resume", action="store_true",
+                         help="continue from the newest complete checkpoint in output.dir (same as train.resume=always)")
         sub.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
         sub.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
@@ -36,16 +38,64 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", metavar="key=value")
     show.add_argument("--reference", action="store_true", help="print every key with its type, default and meaning (Markdown)")
     show.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    merge = commands.add_parser("merge", help="merge an adapter into its base and save a standalone model (docs/merge.md)")
+    merge.add_argument("adapter", help="adapter directory (a training run's output.dir)")
+    merge.add_argument("--out", required=True, help="directory for the merged model")
+    merge.add_argument("--base", help="base model directory or hub id (default: the one adapter_config.json names)")
+    merge.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                       help="dtype of the merged weights (auto: the dtype the base was saved in)")
+    merge.add_argument("--base-weights", default="original", choices=["original", "dequantized"],
+                       help="merge into the original weights, or into the NF4-dequantized ones the adapter was trained on")
+    merge.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where to merge and verify")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 2GB or 500MB")
+    merge.add_argument("--no-verify", action="store_true", help="skip comparing the merged model with base + adapter")
+    merge.add_argument("--verify-data", help="preference file for the verification (default: the run's held-out pairs)")
+    merge.add_argument("--verify-pairs", type=int, default=16, help="held-out pairs to verify on")
+    merge.add_argument("--max-logp-diff", type=float, default=0.01,
+                       help="warn above this mean log-prob difference per response token (nats)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    merge.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    generate = commands.add_parser("generate", help="sample from a model, or from base + adapter (docs/merge.md)")
+    generate.add_argument("model", help="adapter directory (runs base + adapter), merged model directory, or any model")
+    generate.add_argument("--base", help="base model for an adapter directory (default: the one it names)")
+    generate.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    generate.add_argument("--prompts", help="file of prompts: .txt (one per line) or .jsonl/.json/.parquet rows")
+    generate.add_argument("--prompt-column", default="prompt", help="column of the prompt in a --prompts data file")
+    generate.add_argument("--compare", action="store_true", help="answer with the base and with base + adapter, side by side")
+    generate.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
+    generate.add_argument("--max-new-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=0.7, help="0 decodes greedily")
+    generate.add_argument("--top-p", type=float, default=0.9)
+    generate.add_argument("--top-k", type=int, default=50, help="0 disables top-k")
+    generate.add_argument("--repetition-penalty", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt reseeds, so answers repeat)")
+    generate.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                          help="compute dtype (auto: as trained for an adapter, as saved for a model)")
+    generate.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    generate.add_argument("--output", help="also write the answers to this .jsonl file")
+    generate.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extras = parser.parse_known_args(argv)
+    # argparse stops collecting key=value words at the first option; take the ones after it too
+    unknown = [word for word in extras if word.startswith("-") or "=" not in word]
+    if unknown or (extras and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extras)}")
+    if extras:
+        args.overrides.extend(extras)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "peft", "bitsandbytes", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return _run(args)
+    except Interrupted as exc:
+        print(f"lora-dpo: {exc}", file=sys.stderr)
+        return exc.exit_code
     except LoraDpoError as exc:
         if args.debug:
             raise
@@ -68,7 +118,20 @@ def _run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
         return 0
 
-    if args.command == "demo" and args.config is None:
+    if args.command == "merge":
+        from .merge import run_merge_command
+
+        _quiet_libraries()
+        return run_merge_command(args)
+    if args.command == "generate":
+        from .generate import run_generate_command
+
+        _quiet_libraries()
+        return run_generate_command(args)
+
+    if args.command == "demo" and (args.config is None or ("=" in args.config and not Path(args.config).exists())):
+        if args.config is not None:  # `lora-dpo demo key=value`: the first word is an override
+            args.overrides.insert(0, args.config)
         args.config = str(REPO_CONFIGS / "demo.yaml")
     config = load_config(args.config, args.overrides)
     _quiet_libraries()
@@ -81,6 +144,8 @@ def _run(args: argparse.Namespace) -> int:
             build_demo_base(base)
     from .train import train
 
+    if args.resume:
+        config.train.resume = "always"
     summary = train(config, overwrite=args.overwrite, progress=False if args.no_progress else None)
     for line in summary.lines():
         print(line)

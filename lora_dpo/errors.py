@@ -15,3 +15,11 @@ class ConfigError(LoraDpoError):
 
 class DataError(LoraDpoError):
     """A preference file or row that cannot be used."""
+
+
+class Interrupted(LoraDpoError):
+    """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

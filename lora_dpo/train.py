@@ -15,7 +15,9 @@ import math
 import random
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +26,16 @@ from typing import Any, Iterator
 import torch
 
 from .batching import PairLogps, collate, pair_logps
-from .config import Config, save_config
+from .checkpoint import complete_checkpoints, remove_partial_writes, restore_checkpoint, write_checkpoint
+from .config import Config, load_config, save_config
 from .data import TokenizedPair, read_preference_examples, tokenize_preference_data
-from .errors import LoraDpoError
+from .errors import Interrupted, LoraDpoError
 from .losses import needs_reference, preference_loss
 from .modeling import load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device, save_adapter, trainable_parameters
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+SUMMARY_FILE = "summary.json"  # written last, atomically: its presence means the run finished
 
 
 @dataclass
@@ -44,9 +47,14 @@ class RunSummary:
     seconds: float
     final_train: dict[str, float]
     final_eval: dict[str, float] | None
+    skipped_steps: int = 0
+    resumed_from_step: int = 0
 
     def lines(self) -> list[str]:
-        out = [f"trained {self.steps} steps on {self.train_pairs} pairs in {self.seconds:.0f} s"]
+        out = [f"trained {self.steps} steps on {self.train_pairs} pairs in {self.seconds:.0f} s"
+               + (f" (resumed at step {self.resumed_from_step})" if self.resumed_from_step else "")]
+        if self.skipped_steps:
+            out.append(f"{self.skipped_steps} steps skipped for a non-finite loss or gradient")
         if self.final_eval:
             e = self.final_eval
             out.append(f"held-out ({self.eval_pairs} pairs): preference accuracy {e['rewards/accuracy']:.3f}, "
@@ -55,22 +63,38 @@ class RunSummary:
         return out
 
 
-def check_output_dir(path: Path, overwrite: bool) -> None:
+def check_output_dir(path: Path, overwrite: bool, resume: str) -> Path | None:
+    """Refuse to clobber earlier work; return the checkpoint to resume from, if any."""
     if path.exists() and not path.is_dir():
         raise LoraDpoError(f"output.dir {path} is a file. Fix: choose a directory path")
-    if path.is_dir() and any(path.iterdir()):
-        finished = all((path / name).exists() for name in ADAPTER_FILES)
-        if not overwrite:
-            what = "a finished run" if finished else "files"
-            raise LoraDpoError(f"output.dir {path} already holds {what}. Fix: choose another output.dir, "
-                               "or pass --overwrite to replace it")
+    if overwrite and resume == "always":
+        raise LoraDpoError("--overwrite and --resume contradict each other. Fix: pass one of them")
+    if not path.is_dir() or not any(path.iterdir()) or overwrite:
+        if resume == "always":
+            raise LoraDpoError(f"output.dir {path} holds no checkpoint to resume from. Fix: drop --resume "
+                               "(or train.resume), or point output.dir at the interrupted run")
+        return None
+    if (path / SUMMARY_FILE).exists():
+        raise LoraDpoError(f"output.dir {path} already holds a finished run. Fix: choose another output.dir, "
+                           "or pass --overwrite to replace it")
+    checkpoints = complete_checkpoints(path)
+    if resume != "never" and checkpoints:
+        return checkpoints[-1]
+    if resume == "always":
+        raise LoraDpoError(f"output.dir {path} holds no complete checkpoint to resume from (the run stopped before "
+                           "its first save). Fix: pass --overwrite to start again")
+    if resume == "auto" and (path / "config.yaml").exists():
+        return None  # a run of ours that stopped before its first checkpoint: start it again
+    hint = ", or --resume to continue it" if checkpoints else ""
+    raise LoraDpoError(f"output.dir {path} already holds files. Fix: choose another output.dir, "
+                       f"pass --overwrite to replace them{hint}")
 
 
 def train(config: Config, overwrite: bool = False, progress: bool | None = None) -> RunSummary:
     """Train a LoRA adapter with DPO as ``config`` says; returns what the run achieved."""
     started = time.perf_counter()
     out = Path(config.output.dir)
-    check_output_dir(out, overwrite)
+    resume_from = check_output_dir(out, overwrite, config.train.resume)
     _seed_everything(config.train.seed)
     device = resolve_device(config.model)
     examples = read_preference_examples(config.data, config.train.seed)
@@ -90,11 +114,21 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
     warmup = config.train.warmup_steps if config.train.warmup_steps is not None else round(config.train.warmup_ratio * total_steps)
     scheduler = _scheduler(config, optimizer, warmup, total_steps)
 
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    trainer_state: dict[str, Any] = {"step": 0, "pairs_consumed": 0, "skipped_steps": 0, "consecutive_bad_steps": 0,
+                                     "last_eval": None}
+    if resume_from is not None:
+        _warn_config_changes(out / "config.yaml", config)
+        remove_partial_writes(out)
+        trainer_state = restore_checkpoint(resume_from, model, optimizer, scheduler, scaler, metrics_path)
+        log.info("resuming from %s (step %d)", resume_from, trainer_state["step"])
+    else:
+        if out.exists() and (overwrite or config.train.resume == "auto"):
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("", encoding="utf-8")
     save_config(config, out / "config.yaml")
-    metrics_file = (out / "metrics.jsonl").open("w", encoding="utf-8")
+    metrics_file = metrics_path.open("a", encoding="utf-8")
     pad_id = tokenizer.pad_token_id
     chunk = config.dpo.logps_chunk_size
     log.info("training %d steps of %d pairs (%d train, %d held-out pairs) on %s, %s",
@@ -121,44 +155,67 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         model.train()
         return totals.means()
 
-    stream = _pair_stream(data.train, config.train.seed)
-    bar = _progress_bar(total_steps, progress)
+    def optimizer_step(step_pairs: list[TokenizedPair]) -> tuple[dict[str, float], bool]:
+        """Accumulate gradients over the micro-batches and apply them unless something is non-finite."""
+        totals = _MetricSums()
+        tokens = 0
+        for start in range(0, len(step_pairs), config.train.micro_batch_size):
+            micro = step_pairs[start : start + config.train.micro_batch_size]
+            result, policy, num_tokens = dpo_forward(micro)
+            loss = result.losses.sum() / len(step_pairs)
+            (scaler.scale(loss) if scaler else loss).backward()
+            totals.add(result, policy)
+            tokens += num_tokens
+        if scaler:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm or float("inf")))
+        metrics = {**totals.means(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}
+        # With float16 the scaler owns inf gradients (it skips the step and lowers the scale), so
+        # only a non-finite loss counts as bad there.
+        applied = math.isfinite(metrics["loss"]) and (scaler is not None or math.isfinite(grad_norm))
+        if applied and scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        elif applied:
+            optimizer.step()
+        scheduler.step()  # also on skipped steps, so the schedule stays tied to the step number
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        metrics["tokens"] = tokens
+        return metrics, applied
+
+    start_step = trainer_state["step"]
+    stream = _pair_stream(data.train, config.train.seed, skip=trainer_state["pairs_consumed"])
+    bar = _progress_bar(total_steps, progress, initial=start_step)
     final_train: dict[str, float] = {}
-    final_eval = None
+    final_eval = trainer_state["last_eval"]
+    stop = _StopRequest()
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        for step in range(1, total_steps + 1):
+        stop.install()
+        for step in range(start_step + 1, total_steps + 1):
             step_start = time.perf_counter()
             step_pairs = [next(stream) for _ in range(pairs_per_step)]
-            totals = _MetricSums()
-            tokens = 0
-            for start in range(0, len(step_pairs), config.train.micro_batch_size):
-                micro = step_pairs[start : start + config.train.micro_batch_size]
-                result, policy, num_tokens = dpo_forward(micro)
-                loss = result.losses.sum() / len(step_pairs)
-                (scaler.scale(loss) if scaler else loss).backward()
-                totals.add(result, policy)
-                tokens += num_tokens
-            if scaler:
-                scaler.unscale_(optimizer)
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm or float("inf"))
-            lr = scheduler.get_last_lr()[0]
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
+            try:
+                metrics, applied = optimizer_step(step_pairs)
+            except torch.OutOfMemoryError as exc:
+                raise _out_of_memory(config, step, step_pairs) from exc
+            trainer_state["pairs_consumed"] += len(step_pairs)
+            if applied:
+                trainer_state["consecutive_bad_steps"] = 0
             else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+                trainer_state["skipped_steps"] += 1
+                trainer_state["consecutive_bad_steps"] += 1
+                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped",
+                            step, metrics["loss"], metrics["grad_norm"])
             seconds = time.perf_counter() - step_start
-            row = {"step": step, "split": "train", "epoch": step * pairs_per_step / len(data.train), **totals.means(),
-                   "grad_norm": float(grad_norm), "lr": lr, "tokens_per_s": tokens / seconds,
-                   "seconds": seconds, **_memory(device)}
+            tokens = metrics.pop("tokens")
+            row = {"step": step, "split": "train", "epoch": trainer_state["pairs_consumed"] / len(data.train), **metrics,
+                   "tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": not applied, **_memory(device)}
             final_train = row
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -167,24 +224,100 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
                 if bar.disable and (step % max(1, total_steps // 10) == 0 or step == total_steps):
                     log.info("step %d/%d loss %.4f accuracy %.2f margin %.3f %.0f tokens/s", step, total_steps,
                              row["loss"], row["rewards/accuracy"], row["rewards/margins"], row["tokens_per_s"])
+            if trainer_state["consecutive_bad_steps"] >= config.train.max_bad_steps:
+                checkpoints = complete_checkpoints(out)
+                kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved yet"
+                raise LoraDpoError(
+                    f"stopped at step {step}: {config.train.max_bad_steps} steps in a row had a non-finite loss or "
+                    f"gradient ({trainer_state['skipped_steps']} skipped in all; none was applied, {kept}). "
+                    "Fix: lower train.learning_rate, check the data, or use model.compute_dtype=bfloat16 instead of float16")
             last = step == total_steps
             if data.eval and ((config.train.eval_every and step % config.train.eval_every == 0) or last):
                 final_eval = {"step": step, "split": "eval", **evaluate()}
+                trainer_state["last_eval"] = final_eval
                 _write(metrics_file, final_eval)
                 bar.write(f"eval step {step}: loss {final_eval['loss']:.4f} accuracy {final_eval['rewards/accuracy']:.3f} "
                           f"margin {final_eval['rewards/margins']:.3f}")
-            if config.train.save_every and step % config.train.save_every == 0 and not last:
-                save_adapter(model, out / f"checkpoint-{step}")
+            save_now = config.train.save_every and step % config.train.save_every == 0
+            if (save_now or stop.requested) and not last:
+                trainer_state["step"] = step
+                saved = write_checkpoint(out, step, model, optimizer, scheduler, scaler, trainer_state, metrics_path,
+                                         config.train.keep_last)
+                if stop.requested:
+                    raise Interrupted(f"stopped by {stop.requested} after step {step}; checkpoint saved to {saved}. "
+                                      f"Resume with: lora-dpo train CONFIG --resume (output.dir={out})",
+                                      exit_code=128 + stop.signal_number)
     finally:
+        stop.uninstall()
         bar.close()
         metrics_file.close()
 
     save_adapter(model, out)
     tokenizer.save_pretrained(out)
     summary = RunSummary(str(out), total_steps, len(data.train), len(data.eval), time.perf_counter() - started,
-                         final_train, final_eval)
-    (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n", encoding="utf-8")
+                         final_train, final_eval, trainer_state["skipped_steps"], start_step)
+    temporary = out / f".tmp-{SUMMARY_FILE}"
+    temporary.write_text(json.dumps(summary.__dict__, indent=2) + "\n", encoding="utf-8")
+    temporary.replace(out / SUMMARY_FILE)
     return summary
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM ask the loop to finish the current step, save a checkpoint and exit; a second
+    Ctrl-C stops at once. Handlers can only be installed from the main thread."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.signal_number = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def uninstall(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signal_number = signal.Signals(number).name, number
+        log.warning("%s received: finishing this step and saving a checkpoint (press Ctrl-C again to stop now)",
+                    self.requested)
+
+
+def _out_of_memory(config: Config, step: int, pairs: list[TokenizedPair]) -> LoraDpoError:
+    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return LoraDpoError(
+        f"out of GPU memory at step {step} with train.micro_batch_size={config.train.micro_batch_size} "
+        f"(longest sequence {longest} tokens, data.max_length={config.data.max_length}). Fix: lower "
+        "train.micro_batch_size (raise train.gradient_accumulation_steps to keep the pairs per step), lower "
+        "data.max_length or dpo.logps_chunk_size, keep model.gradient_checkpointing on; --debug shows the traceback")
+
+
+def _warn_config_changes(saved: Path, config: Config) -> None:
+    if not saved.exists():
+        return
+    before, after = _flatten(load_config(saved).to_dict()), _flatten(config.to_dict())
+    changed = sorted(k for k in after if before.get(k) != after[k] and k != "train.resume")
+    if changed:
+        log.warning("resuming with changed settings: %s", ", ".join(f"{k}: {before.get(k)!r} -> {after[k]!r}" for k in changed))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class _MetricSums:
@@ -213,15 +346,16 @@ class _MetricSums:
         return {name: total / max(1, self.pairs) for name, total in self.sums.items()}
 
 
-def _pair_stream(pairs: list[TokenizedPair], seed: int) -> Iterator[TokenizedPair]:
-    """Endless reshuffled passes over the pairs; epoch e uses seed + e, so runs are repeatable."""
-    epoch = 0
+def _pair_stream(pairs: list[TokenizedPair], seed: int, skip: int = 0) -> Iterator[TokenizedPair]:
+    """Endless reshuffled passes over the pairs; epoch e uses seed + e, so runs are repeatable and
+    a resumed run continues exactly where the checkpoint left off (``skip`` pairs in)."""
+    epoch, position = divmod(skip, len(pairs))
     while True:
         order = list(range(len(pairs)))
         random.Random(seed + epoch).shuffle(order)
-        for index in order:
+        for index in order[position:]:
             yield pairs[index]
-        epoch += 1
+        epoch, position = epoch + 1, 0
 
 
 def _optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -243,12 +377,12 @@ def _scheduler(config: Config, optimizer: torch.optim.Optimizer, warmup: int, to
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
-def _progress_bar(total: int, progress: bool | None) -> Any:
+def _progress_bar(total: int, progress: bool | None, initial: int = 0) -> Any:
     from tqdm.auto import tqdm
 
     # progress=None: a bar on a terminal, periodic log lines otherwise (CI logs, files).
-    return tqdm(total=total, desc="dpo", unit="step", disable=(not sys.stderr.isatty()) if progress is None else not progress,
-                dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="dpo", unit="step", dynamic_ncols=True,
+                disable=(not sys.stderr.isatty()) if progress is None else not progress)
 
 
 def _memory(device: torch.device) -> dict[str, float]:

@@ -1,0 +1,213 @@
+"""Checkpoints that survive a kill at any moment, and resuming from them bit for bit.
+
+A checkpoint is a directory ``checkpoint-STEP`` holding the adapter, the optimizer state (also
+bitsandbytes' paged 8-bit state), the scheduler, every RNG, the position in the data stream and
+the metrics so far. It is written into a hidden temporary directory, fsynced, and renamed into
+place, so a reader sees either the previous checkpoints or the new one complete — never half of
+one. Only safetensors and JSON are written or read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"  # written last inside the temporary directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested Python state <-> (JSON, safetensors)
+
+
+def save_state(obj: Any, directory: Path, name: str) -> None:
+    """Write ``obj`` (dicts, lists, tuples, numbers, strings, tensors, numpy arrays) as
+    ``name.json`` plus ``name.safetensors`` for its tensors, without pickling anything."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(obj, tensors)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / f"{name}.safetensors"))
+    _write_json(directory / f"{name}.json", tree)
+
+
+def load_state(directory: Path, name: str) -> Any:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / f"{name}.safetensors"))
+    return _decode(json.loads((directory / f"{name}.json").read_text(encoding="utf-8")), tensors)
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if type(obj).__module__ == "numpy":
+        import numpy
+
+        if isinstance(obj, numpy.ndarray):
+            return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
+
+
+def _decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, list):
+        return [_decode(v, tensors) for v in tree]
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        if "__dict__" in tree:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in tree["__dict__"]}
+        if "__tuple__" in tree:
+            return tuple(_decode(v, tensors) for v in tree["__tuple__"])
+        if "__ndarray__" in tree:
+            import numpy
+
+            return numpy.array(tree["__ndarray__"], dtype=tree["dtype"])
+    return tree
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        json.dump(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy
+
+        state["numpy"] = numpy.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        numpy.random.set_state(state["numpy"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint directories
+
+
+def checkpoint_step(path: Path) -> int | None:
+    suffix = path.name[len(CHECKPOINT_PREFIX):]
+    return int(suffix) if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def complete_checkpoints(out_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    if not out_dir.is_dir():
+        return []
+    found = [p for p in out_dir.iterdir() if checkpoint_step(p) is not None and (p / STATE_FILE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def remove_partial_writes(out_dir: Path) -> None:
+    """Temporary directories left by a run killed while saving."""
+    for path in out_dir.glob(".tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, scaler: Any,
+                     trainer_state: dict[str, Any], metrics_path: Path, keep_last: int) -> Path:
+    """Atomically write checkpoint-STEP, then delete all but the newest ``keep_last`` checkpoints."""
+    from .modeling import save_adapter
+
+    final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
+    temporary = out_dir / f".tmp-{CHECKPOINT_PREFIX}{step}-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    save_adapter(model, temporary)
+    save_state(optimizer.state_dict(), temporary, "optimizer")
+    extra = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+    if scaler is not None:
+        extra["scaler"] = scaler.state_dict()
+    save_state(extra, temporary, "loop")
+    if metrics_path.exists():
+        shutil.copyfile(metrics_path, temporary / "metrics.jsonl")
+    _write_json(temporary / STATE_FILE, {**trainer_state, "step": step})
+    for path in temporary.iterdir():
+        _fsync_path(path)
+    _fsync_path(temporary)
+    if final.exists():  # a stale copy from a run that went further before being resumed earlier
+        shutil.rmtree(final)
+    os.replace(temporary, final)
+    _fsync_path(out_dir)
+    checkpoints = complete_checkpoints(out_dir)
+    for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any,
+                       metrics_path: Path) -> dict[str, Any]:
+    """Load everything write_checkpoint saved; returns the trainer state (step, data position...)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .modeling import TRAINED_ADAPTER
+
+    adapter = load_file(str(path / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, adapter, adapter_name=TRAINED_ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise RuntimeError(f"{path}: adapter does not fit this model (unexpected keys {unexpected[:3]})")
+    optimizer.load_state_dict(load_state(path, "optimizer"))
+    loop = load_state(path, "loop")
+    scheduler.load_state_dict(loop["scheduler"])
+    if scaler is not None and "scaler" in loop:
+        scaler.load_state_dict(loop["scaler"])
+    if (path / "metrics.jsonl").exists():
+        shutil.copyfile(path / "metrics.jsonl", metrics_path)
+    else:
+        metrics_path.write_text("", encoding="utf-8")
+    set_rng_state(loop["rng"])
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def _fsync_path(path: Path) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:
+        return  # some filesystems refuse to open directories; the rename is still atomic
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
