@@ -83,6 +83,12 @@ class DataConfig:
     """Most prompt tokens; longer prompts keep their last tokens (the part next to the response)."""
     on_bad_row: Literal["error", "skip"] = "error"
     """What a malformed row does: error stops with file, line and field; skip logs the row and goes on."""
+    layout: Literal["padded", "prefix_shared", "packed", "packed_prefix_shared"] = "padded"
+    """How pairs fill a forward pass: padded rows, the prompt shared by both responses, several pairs packed per row, or both."""
+    pack_length: Optional[int] = None
+    """Row width of the packed layouts in tokens; null packs into rows as wide as the longest sequence of the micro-batch."""
+    group_by_length: bool = False
+    """Fill micro-batches with pairs of similar length (less padding); batch order stays shuffled."""
 
 
 LossName = Literal["sigmoid", "ipo", "hinge", "robust", "rpo", "simpo", "orpo"]
@@ -125,8 +131,12 @@ class DPOSettings:
     """simpo: target reward margin gamma; null means 0.5."""
     orpo_lambda: Optional[float] = None
     """orpo: weight of the odds-ratio term added to the chosen response's NLL; null means 0.1."""
-    logps_chunk_size: int = 1024
+    logps_chunk_size: int = 512
     """Response tokens whose vocabulary logits are formed at once: lower it to save memory on large vocabularies."""
+    precompute_reference: bool = False
+    """Compute the reference log-probs of every pair once before training (cached on disk) instead of every step."""
+    reference_cache_dir: str = "~/.cache/lora-dpo/reference"
+    """Where precomputed reference log-probs are kept, keyed by model, adapter, data and tokenization; reused by later runs."""
 
 
 @dataclass
@@ -209,6 +219,9 @@ class Config:
             (self.dpo.simpo_gamma is None or self.dpo.simpo_gamma >= 0, "dpo.simpo_gamma", "must be >= 0"),
             (self.dpo.orpo_lambda is None or self.dpo.orpo_lambda > 0, "dpo.orpo_lambda", "must be positive"),
             (self.dpo.logps_chunk_size > 0, "dpo.logps_chunk_size", "must be positive"),
+            (self.data.pack_length is None or self.data.pack_length > 0, "data.pack_length", "must be positive or null"),
+            (self.data.layout == "padded" or self.model.attn_implementation != "flash_attention_2", "data.layout",
+             "needs model.attn_implementation sdpa or eager (its attention masks are not expressible for flash_attention_2)"),
             (self.train.micro_batch_size > 0, "train.micro_batch_size", "must be positive"),
             (self.train.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be positive"),
             (self.train.epochs > 0, "train.epochs", "must be positive"),

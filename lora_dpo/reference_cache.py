@@ -71,7 +71,7 @@ class ReferenceTable:
 
 def reference_logps_for(model: Any, pairs: Sequence[TokenizedPair], model_config: Any, compute_dtype: torch.dtype,
                         pad_token_id: int, cache_dir: str | Path, micro_batch_size: int = 8,
-                        layout: str = "padded", chunk_size: int = 1024, pack_length: int | None = None) -> ReferenceTable:
+                        layout: str = "padded", chunk_size: int = 512, pack_length: int | None = None) -> ReferenceTable:
     """Reference log-probs of ``pairs``: read from ``cache_dir`` when present, else computed and saved there.
 
     ``model_config`` is the run's ``ModelConfig`` (it names the base, adapter and quantization);
@@ -98,7 +98,7 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
 
 
 def compute_reference_logps(model: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, compute_dtype: torch.dtype,
-                            micro_batch_size: int = 8, layout: str = "padded", chunk_size: int = 1024,
+                            micro_batch_size: int = 8, layout: str = "padded", chunk_size: int = 512,
                             pack_length: int | None = None) -> ReferenceTable:
     """One no-grad pass of the reference model over ``pairs``; rows follow the order of ``pairs``."""
     if micro_batch_size < 1:

@@ -25,13 +25,14 @@ from typing import Any, Iterator
 
 import torch
 
-from .batching import PairLogps, collate, pair_logps
+from .batching import PairLogps, collate, length_grouped_batches, pair_logps
 from .checkpoint import complete_checkpoints, remove_partial_writes, restore_checkpoint, write_checkpoint
 from .config import Config, load_config, save_config
 from .data import TokenizedPair, read_preference_examples, tokenize_preference_data
 from .errors import Interrupted, LoraDpoError
 from .losses import needs_reference, preference_loss
 from .modeling import load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device, save_adapter, trainable_parameters
+from .reference_cache import ReferenceTable, reference_logps_for
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +109,29 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
     # float16 gradients of small LoRA updates underflow without loss scaling; bfloat16 needs none.
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
 
-    pairs_per_step = config.train.micro_batch_size * config.train.gradient_accumulation_steps
-    total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * len(data.train) / pairs_per_step))
+    micro_batch_size = config.train.micro_batch_size
+    accumulation = config.train.gradient_accumulation_steps
+    pairs_per_step = micro_batch_size * accumulation
+    batches_per_epoch = math.ceil(len(data.train) / micro_batch_size)
+    total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * batches_per_epoch / accumulation))
     optimizer = _optimizer(config, trainable_parameters(model), device)
     warmup = config.train.warmup_steps if config.train.warmup_steps is not None else round(config.train.warmup_ratio * total_steps)
     scheduler = _scheduler(config, optimizer, warmup, total_steps)
 
     metrics_path = out / "metrics.jsonl"
-    trainer_state: dict[str, Any] = {"step": 0, "pairs_consumed": 0, "skipped_steps": 0, "consecutive_bad_steps": 0,
-                                     "last_eval": None}
+    trainer_state: dict[str, Any] = {"step": 0, "batches_consumed": 0, "pairs_consumed": 0, "skipped_steps": 0,
+                                     "consecutive_bad_steps": 0, "last_eval": None}
+    pad_id = tokenizer.pad_token_id
+    chunk = config.dpo.logps_chunk_size
+    use_reference = needs_reference(config.dpo)  # SimPO/ORPO: no reference, one forward over every token saved
+    reference_tables: dict[str, ReferenceTable | None] = {"train": None, "eval": None}
+    if config.dpo.precompute_reference and use_reference:
+        cache_dir = Path(config.dpo.reference_cache_dir).expanduser()
+        for split, pairs in (("train", data.train), ("eval", data.eval)):
+            if pairs:
+                reference_tables[split] = reference_logps_for(
+                    model, pairs, config.model, compute_dtype, pad_id, cache_dir, micro_batch_size,
+                    config.data.layout, chunk, config.data.pack_length)
     if resume_from is not None:
         _warn_config_changes(out / "config.yaml", config)
         remove_partial_writes(out)
@@ -129,17 +144,24 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         metrics_path.write_text("", encoding="utf-8")
     save_config(config, out / "config.yaml")
     metrics_file = metrics_path.open("a", encoding="utf-8")
-    pad_id = tokenizer.pad_token_id
-    chunk = config.dpo.logps_chunk_size
     log.info("training %d steps of %d pairs (%d train, %d held-out pairs) on %s, %s",
              total_steps, pairs_per_step, len(data.train), len(data.eval), device, str(compute_dtype).removeprefix("torch."))
 
-    def dpo_forward(pairs: list[TokenizedPair]) -> tuple[Any, PairLogps, int]:
-        batch = collate(pairs, pad_id).to(device)
+    def dpo_forward(pairs: list[TokenizedPair], indices: list[int],
+                    reference_table: ReferenceTable | None) -> tuple[Any, PairLogps, int]:
+        batch = collate([pairs[i] for i in indices], pad_id, layout=config.data.layout,
+                        pack_length=config.data.pack_length).to(device)
         reference = None
-        if needs_reference(config.dpo):  # SimPO/ORPO: no reference, one forward over every token saved
+        if reference_table is not None:
+            reference = reference_table.lookup(indices, device)
+        elif use_reference:
+            was_training = model.training
+            # Eval mode: no dropout on a reference adapter, and no checkpointing wrappers around a
+            # pass that keeps no activations anyway.
+            model.eval()
             with torch.no_grad(), reference_model(model), autocast:
                 reference = pair_logps(model, batch, chunk)
+            model.train(was_training)
         with autocast:
             policy = pair_logps(model, batch, chunk)
         result = preference_loss(config.dpo, policy, reference)
@@ -149,20 +171,21 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         model.eval()
         totals = _MetricSums()
         with torch.no_grad():
-            for start in range(0, len(data.eval), config.train.micro_batch_size):
-                result, policy, _ = dpo_forward(data.eval[start : start + config.train.micro_batch_size])
+            for start in range(0, len(data.eval), micro_batch_size):
+                indices = list(range(start, min(start + micro_batch_size, len(data.eval))))
+                result, policy, _ = dpo_forward(data.eval, indices, reference_tables["eval"])
                 totals.add(result, policy)
         model.train()
         return totals.means()
 
-    def optimizer_step(step_pairs: list[TokenizedPair]) -> tuple[dict[str, float], bool]:
+    def optimizer_step(micro_batches: list[list[int]]) -> tuple[dict[str, float], bool]:
         """Accumulate gradients over the micro-batches and apply them unless something is non-finite."""
         totals = _MetricSums()
         tokens = 0
-        for start in range(0, len(step_pairs), config.train.micro_batch_size):
-            micro = step_pairs[start : start + config.train.micro_batch_size]
-            result, policy, num_tokens = dpo_forward(micro)
-            loss = result.losses.sum() / len(step_pairs)
+        step_pair_count = sum(len(indices) for indices in micro_batches)
+        for indices in micro_batches:
+            result, policy, num_tokens = dpo_forward(data.train, indices, reference_tables["train"])
+            loss = result.losses.sum() / step_pair_count  # a mean over the step's pairs, however they were split
             (scaler.scale(loss) if scaler else loss).backward()
             totals.add(result, policy)
             tokens += num_tokens
@@ -187,7 +210,8 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         return metrics, applied
 
     start_step = trainer_state["step"]
-    stream = _pair_stream(data.train, config.train.seed, skip=trainer_state["pairs_consumed"])
+    stream = _micro_batch_stream(data.train, micro_batch_size, config.train.seed, config.data.group_by_length,
+                                 config.data.layout, skip=trainer_state["batches_consumed"])
     bar = _progress_bar(total_steps, progress, initial=start_step)
     final_train: dict[str, float] = {}
     final_eval = trainer_state["last_eval"]
@@ -199,12 +223,13 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         stop.install()
         for step in range(start_step + 1, total_steps + 1):
             step_start = time.perf_counter()
-            step_pairs = [next(stream) for _ in range(pairs_per_step)]
+            micro_batches = [next(stream) for _ in range(accumulation)]
             try:
-                metrics, applied = optimizer_step(step_pairs)
+                metrics, applied = optimizer_step(micro_batches)
             except torch.OutOfMemoryError as exc:
-                raise _out_of_memory(config, step, step_pairs) from exc
-            trainer_state["pairs_consumed"] += len(step_pairs)
+                raise _out_of_memory(config, step, [data.train[i] for b in micro_batches for i in b]) from exc
+            trainer_state["batches_consumed"] += len(micro_batches)
+            trainer_state["pairs_consumed"] += sum(len(b) for b in micro_batches)
             if applied:
                 trainer_state["consecutive_bad_steps"] = 0
             else:
@@ -346,15 +371,21 @@ class _MetricSums:
         return {name: total / max(1, self.pairs) for name, total in self.sums.items()}
 
 
-def _pair_stream(pairs: list[TokenizedPair], seed: int, skip: int = 0) -> Iterator[TokenizedPair]:
-    """Endless reshuffled passes over the pairs; epoch e uses seed + e, so runs are repeatable and
-    a resumed run continues exactly where the checkpoint left off (``skip`` pairs in)."""
-    epoch, position = divmod(skip, len(pairs))
+def _micro_batch_stream(pairs: list[TokenizedPair], micro_batch_size: int, seed: int, group_by_length: bool,
+                        layout: str, skip: int = 0) -> Iterator[list[int]]:
+    """Endless epochs of micro-batches (lists of pair indices); epoch e is drawn with seed + e, so
+    runs are repeatable and a resumed run continues where its checkpoint left off (``skip``
+    micro-batches in). The last micro-batch of an epoch may be smaller."""
+    batches_per_epoch = math.ceil(len(pairs) / micro_batch_size)
+    epoch, position = divmod(skip, batches_per_epoch)
     while True:
-        order = list(range(len(pairs)))
-        random.Random(seed + epoch).shuffle(order)
-        for index in order[position:]:
-            yield pairs[index]
+        if group_by_length:
+            batches = length_grouped_batches(pairs, micro_batch_size, seed + epoch, layout)
+        else:
+            order = list(range(len(pairs)))
+            random.Random(seed + epoch).shuffle(order)
+            batches = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+        yield from batches[position:]
         epoch, position = epoch + 1, 0
 
 

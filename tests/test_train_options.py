@@ -1,0 +1,64 @@
+"""Training-loop options that must not change the result: precomputed reference, layouts,
+length grouping — and the eval-mode reference pass."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_config, write_jsonl
+
+from lora_dpo.train import train
+
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "grad_norm")
+
+
+def train_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").open() if '"train"' in line]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory, demo_rows):
+    return write_jsonl(tmp_path_factory.mktemp("options") / "t.jsonl", demo_rows)
+
+
+@pytest.fixture(scope="module")
+def plain_run(llama_dir, train_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plain") / "run"
+    train(make_config(llama_dir, train_file, out, "train.max_steps=4", "train.gradient_accumulation_steps=2",
+                      "data.eval_fraction=0"), progress=False)
+    return train_rows(out)
+
+
+@pytest.mark.parametrize("options", [
+    ["dpo.precompute_reference=true"],
+    ["data.layout=prefix_shared"],
+    ["data.layout=packed_prefix_shared", "data.pack_length=256"],
+    ["data.layout=packed", "dpo.precompute_reference=true"],
+], ids=lambda o: "+".join(o))
+def test_options_give_the_plain_run(options, plain_run, llama_dir, train_file, tmp_path, caplog):
+    caplog.set_level("INFO")
+    out = tmp_path / "run"
+    extra = [f"dpo.reference_cache_dir={tmp_path / 'cache'}"]
+    config = make_config(llama_dir, train_file, out, "train.max_steps=4", "train.gradient_accumulation_steps=2",
+                         "data.eval_fraction=0", *extra, *options)
+    train(config, progress=False)
+    for got, want in zip(train_rows(out), plain_run, strict=True):
+        for key in COMPARED:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
+    if "dpo.precompute_reference=true" in options:
+        assert any("computed" in r.getMessage() and "saved to" in r.getMessage() for r in caplog.records)
+        assert list((tmp_path / "cache").glob("reference-logps-*.safetensors"))
+        caplog.clear()
+        train(config, overwrite=True, progress=False)  # a second run (say, another beta) reuses the cache
+        assert any("read from" in r.getMessage() for r in caplog.records)
+
+
+def test_length_grouping_reduces_padding_and_still_trains(llama_dir, train_file, tmp_path):
+    grouped = tmp_path / "grouped"
+    summary = train(make_config(llama_dir, train_file, grouped, "train.max_steps=4", "data.group_by_length=true",
+                                "data.eval_fraction=0"), progress=False)
+    rows = train_rows(grouped)
+    assert summary.steps == 4 and [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"]
