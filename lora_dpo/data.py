@@ -196,8 +196,8 @@ def parse_row(row: Any, prompt_column: str, chosen_column: str, rejected_column:
         if column not in row:
             raise RowError(column, f"missing (the row has {', '.join(map(str, row)) or 'no fields'})",
                            f"add it, or set data.{'chosen' if column == chosen_column else 'rejected'}_column to the right column")
-    chosen = _check_value(row[chosen_column], chosen_column)
-    rejected = _check_value(row[rejected_column], rejected_column)
+    chosen = check_text_field(row[chosen_column], chosen_column)
+    rejected = check_text_field(row[rejected_column], rejected_column)
     if isinstance(chosen, list) != isinstance(rejected, list):
         raise RowError(rejected_column, "chosen and rejected mix plain text and chat messages",
                        "give both as strings or both as message lists")
@@ -206,7 +206,7 @@ def parse_row(row: Any, prompt_column: str, chosen_column: str, rejected_column:
         if prompt is None:
             prompt, chosen, rejected = _split_shared_prefix(chosen, rejected, chosen_column)
         else:
-            prompt = _check_value(prompt, prompt_column)
+            prompt = check_text_field(prompt, prompt_column)
             if not isinstance(prompt, list):
                 raise RowError(prompt_column, "is plain text but the responses are chat messages",
                                "give the prompt as a list of messages, e.g. [{\"role\": \"user\", \"content\": ...}]")
@@ -224,7 +224,7 @@ def parse_row(row: Any, prompt_column: str, chosen_column: str, rejected_column:
         if prompt is None:
             raise RowError(prompt_column, f"missing (the row has {', '.join(map(str, row))})",
                            "add it, or set data.prompt_column to the right column")
-        prompt = _check_value(prompt, prompt_column)
+        prompt = check_text_field(prompt, prompt_column)
         if isinstance(prompt, list):
             raise RowError(prompt_column, "is a chat message list but the responses are plain text",
                            "give all three as strings or all three as message lists")
@@ -233,7 +233,7 @@ def parse_row(row: Any, prompt_column: str, chosen_column: str, rejected_column:
     return prompt, chosen, rejected
 
 
-def _check_value(value: Any, column: str) -> Text:
+def check_text_field(value: Any, column: str) -> Text:
     if isinstance(value, str):
         if not value.strip():
             raise RowError(column, "is empty or whitespace only", "give it text, or remove the row")

@@ -21,9 +21,10 @@ from typing import Any, Optional
 import torch
 
 from .config import ModelConfig
-from .data import RowError, Text, _check_value, read_rows
+from .data import RowError, Text, check_text_field, read_rows
 from .errors import DataError, LoraDpoError
-from .merge import DTYPES, apply_adapter, inspect_adapter, load_adapter_tokenizer, load_base, resolve_device
+from .merge import DTYPES, apply_adapter, inspect_adapter, load_adapter_tokenizer, load_base
+from .modeling import resolve_device
 from .modeling import load_tokenizer, resolve_compute_dtype
 
 SIDE_BY_SIDE_MIN_WIDTH = 80
@@ -82,7 +83,7 @@ def load_generator(path: str, base: Optional[str], device_name: str, dtype_name:
     """An adapter directory loads as base (as trained) + adapter; anything else as a plain model."""
     from transformers import AutoModelForCausalLM
 
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, "--device")
     if (Path(path) / "adapter_config.json").is_file():
         source = inspect_adapter(path, base)
         dtype = DTYPES[dtype_name] if dtype_name != "auto" else resolve_compute_dtype(source.model, device)
@@ -120,7 +121,7 @@ def read_prompts(prompts: list[str], prompts_file: Optional[str], column: str) -
                 if not isinstance(row, dict) or column not in row:
                     raise DataError(f"{where}: no '{column}' field. Fix: set --prompt-column to the prompt's column")
                 try:
-                    found.append(_check_value(row[column], column))
+                    found.append(check_text_field(row[column], column))
                 except RowError as exc:
                     raise DataError(exc.message(where)) from None
     if not found:

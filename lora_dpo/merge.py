@@ -33,7 +33,7 @@ from .batching import collate, pair_logps
 from .config import Config, DataConfig, ModelConfig, load_config
 from .data import DataReport, TokenizedPair, load_examples, load_preference_data, tokenize_examples
 from .errors import DataError, LoraDpoError
-from .modeling import _four_bit_config, _keep_cpu_4bit_trainable, load_tokenizer, resolve_compute_dtype
+from .modeling import four_bit_config, keep_cpu_4bit_trainable, load_tokenizer, resolve_compute_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +135,6 @@ def _one_line(exc: BaseException) -> str:
 # Loading
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LoraDpoError("--device cuda but no CUDA GPU is visible. Fix: use --device cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
     """``auto`` keeps the dtype the base checkpoint was saved in (float32 when it names none)."""
     if name != "auto":
@@ -173,13 +165,13 @@ def load_base(model_config: ModelConfig, device: torch.device, dtype: torch.dtyp
                                   dtype=dtype, device_map={"": str(device)})
     if four_bit:
         # Same quantization settings as modeling.load_model, so the 4-bit weights are those training saw.
-        kwargs["quantization_config"] = _four_bit_config(model_config, dtype)
+        kwargs["quantization_config"] = four_bit_config(model_config, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_config.name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise LoraDpoError(_base_not_found(model_config.name_or_path, exc)) from None
     if four_bit and device.type == "cpu":
-        _keep_cpu_4bit_trainable(model)
+        keep_cpu_4bit_trainable(model)
     return model.eval()
 
 
@@ -423,7 +415,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base: str | None 
                            "Fix: use --base-weights original")
     protected = [source.directory] + [Path(p) for p in (source.model.name_or_path, verify_data) if p and Path(p).exists()]
     check_merge_output(out, overwrite, protected)
-    target = resolve_device(device)
+    target = resolve_device(device, "--device")
     target_dtype = resolve_dtype(dtype, source.model)
     compute_dtype = resolve_compute_dtype(source.model, target)
     tokenizer = load_adapter_tokenizer(source)

@@ -23,13 +23,13 @@ TRAINED_ADAPTER = "default"
 REFERENCE_ADAPTER = "reference"
 
 
-def resolve_device(model_config: ModelConfig) -> torch.device:
-    if model_config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("model.device is cuda but no CUDA GPU is visible. Fix: set model.device=cpu or auto",
-                          key="model.device")
-    if model_config.device == "auto":
+def resolve_device(choice: str, option: str = "model.device") -> torch.device:
+    """auto | cuda | cpu -> a device; ``option`` names the setting in the error (a config key or a flag)."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{option} is cuda but no CUDA GPU is visible. Fix: set {option} to cpu or auto", key=option)
+    if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(model_config.device)
+    return torch.device(choice)
 
 
 def resolve_compute_dtype(model_config: ModelConfig, device: torch.device) -> torch.dtype:
@@ -80,13 +80,13 @@ def load_model(config: Config, device: torch.device) -> Any:
         device_map={"": str(device)},
     )
     if model_config.load_in_4bit:
-        kwargs["quantization_config"] = _four_bit_config(model_config, compute_dtype)
+        kwargs["quantization_config"] = four_bit_config(model_config, compute_dtype)
     try:
         base = AutoModelForCausalLM.from_pretrained(model_config.name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise LoraDpoError(_not_found(model_config.name_or_path, "model", exc)) from None
     if model_config.load_in_4bit and device.type == "cpu":
-        _keep_cpu_4bit_trainable(base)
+        keep_cpu_4bit_trainable(base)
     base.config.use_cache = False
     if model_config.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings
@@ -118,7 +118,7 @@ def load_model(config: Config, device: torch.device) -> Any:
     return model
 
 
-def _four_bit_config(model_config: ModelConfig, compute_dtype: torch.dtype) -> Any:
+def four_bit_config(model_config: ModelConfig, compute_dtype: torch.dtype) -> Any:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -134,7 +134,7 @@ def _four_bit_config(model_config: ModelConfig, compute_dtype: torch.dtype) -> A
     )
 
 
-def _keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
+def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
     """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
 
     On CPUs with AVX512-BF16, a Linear4bit that runs once in eval mode without grad converts its

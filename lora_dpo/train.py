@@ -97,7 +97,7 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
     out = Path(config.output.dir)
     resume_from = check_output_dir(out, overwrite, config.train.resume)
     _seed_everything(config.train.seed)
-    device = resolve_device(config.model)
+    device = resolve_device(config.model.device)
     examples = read_preference_examples(config.data, config.train.seed)
     tokenizer = load_tokenizer(config.model)
     data = tokenize_preference_data(examples, config.data, tokenizer)
@@ -114,7 +114,7 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
     pairs_per_step = micro_batch_size * accumulation
     batches_per_epoch = math.ceil(len(data.train) / micro_batch_size)
     total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * batches_per_epoch / accumulation))
-    optimizer = _optimizer(config, trainable_parameters(model), device)
+    optimizer = build_optimizer(config, trainable_parameters(model), device)
     warmup = config.train.warmup_steps if config.train.warmup_steps is not None else round(config.train.warmup_ratio * total_steps)
     scheduler = _scheduler(config, optimizer, warmup, total_steps)
 
@@ -389,7 +389,7 @@ def _micro_batch_stream(pairs: list[TokenizedPair], micro_batch_size: int, seed:
         epoch, position = epoch + 1, 0
 
 
-def _optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     settings = dict(lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
     if config.train.optim == "paged_adamw_8bit":
         try:

@@ -230,10 +230,10 @@ def run_lora_dpo(args: argparse.Namespace, shape: Shape, model_dir: Path, pairs:
                  work: Path) -> list[dict[str, Any]]:
     """Every (layout, reference mode) asked for, on one loaded model; each configuration gets a
     fresh optimizer and a fresh peak-memory count."""
-    from lora_dpo.train import _optimizer  # the training loop's own optimizer construction
+    from lora_dpo.train import build_optimizer  # the training loop's own optimizer construction
 
     config = lora_dpo_config(args, shape, model_dir, work)
-    device = resolve_device(config.model)
+    device = resolve_device(config.model.device)
     compute_dtype = resolve_compute_dtype(config.model, device)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config, device)
@@ -251,7 +251,7 @@ def run_lora_dpo(args: argparse.Namespace, shape: Shape, model_dir: Path, pairs:
                 for name, param in model.named_parameters():
                     if name in initial:
                         param.copy_(initial[name])
-            optimizer = _optimizer(config, trainable_parameters(model), device)
+            optimizer = build_optimizer(config, trainable_parameters(model), device)
             params = [p for group in optimizer.param_groups for p in group["params"]]
             reset_memory(device)
             prep_started = time.perf_counter()
@@ -330,7 +330,7 @@ def run_trl(args: argparse.Namespace, shape: Shape, model_dir: Path, rows: list[
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
-    from lora_dpo.modeling import _keep_cpu_4bit_trainable
+    from lora_dpo.modeling import keep_cpu_4bit_trainable
 
     datasets.disable_progress_bars()
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -360,7 +360,7 @@ def run_trl(args: argparse.Namespace, shape: Shape, model_dir: Path, rows: list[
                                                    bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype),
         )
         if device.type == "cpu":
-            _keep_cpu_4bit_trainable(model)
+            keep_cpu_4bit_trainable(model)
         reset_memory(device)
         settings = dict(
             output_dir=str(work / f"trl-{reference_mode}"), per_device_train_batch_size=mb,

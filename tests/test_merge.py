@@ -57,13 +57,13 @@ def four_bit_with_adapter(base_dir, adapter_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lora_dpo.modeling import _keep_cpu_4bit_trainable
+    from lora_dpo.modeling import keep_cpu_4bit_trainable
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, quantization_config=quant,
                                                 device_map={"": "cpu"})
-    _keep_cpu_4bit_trainable(base)
+    keep_cpu_4bit_trainable(base)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 

@@ -24,11 +24,11 @@ def load_plain_4bit(model_dir):
     """The base alone, quantized the same way, without peft."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lora_dpo.modeling import _keep_cpu_4bit_trainable
+    from lora_dpo.modeling import keep_cpu_4bit_trainable
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
-    _keep_cpu_4bit_trainable(base)
+    keep_cpu_4bit_trainable(base)
     return base
 
 
