@@ -246,6 +246,16 @@ def loss_terms(settings: DPOSettings) -> list[tuple[str, float]]:
     return [(settings.loss, 1.0)]
 
 
+def reward_definition(settings: DPOSettings) -> str:
+    """What ``rewards/*`` in the metrics measure for these settings (see docs/losses.md)."""
+    name = next(name for name, _ in loss_terms(settings) if name != "nll")
+    if name in REFERENCE_FREE:
+        return "beta * average per-token log-prob of the policy (reference-free: likelihood, not drift)"
+    if name == "ipo":
+        return "beta * per-token log-ratio of policy to reference"
+    return "beta * log-ratio of policy to reference (the DPO implicit reward)"
+
+
 def needs_reference(settings: DPOSettings) -> bool:
     """Whether any selected loss reads reference log-probs; if not, skip the reference pass."""
     return any(name not in REFERENCE_FREE for name, _ in loss_terms(settings))

@@ -30,7 +30,7 @@ from .checkpoint import complete_checkpoints, remove_partial_writes, restore_che
 from .config import Config, load_config, save_config
 from .data import TokenizedPair, read_preference_examples, tokenize_preference_data
 from .errors import Interrupted, LoraDpoError
-from .losses import needs_reference, preference_loss
+from .losses import needs_reference, preference_loss, reward_definition
 from .modeling import load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device, save_adapter, trainable_parameters
 from .reference_cache import ReferenceTable, reference_logps_for
 
@@ -50,6 +50,8 @@ class RunSummary:
     final_eval: dict[str, float] | None
     skipped_steps: int = 0
     resumed_from_step: int = 0
+    rewards: str = ""
+    """What rewards/* in the metrics measure for the loss used."""
 
     def lines(self) -> list[str]:
         out = [f"trained {self.steps} steps on {self.train_pairs} pairs in {self.seconds:.0f} s"
@@ -146,6 +148,7 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
     metrics_file = metrics_path.open("a", encoding="utf-8")
     log.info("training %d steps of %d pairs (%d train, %d held-out pairs) on %s, %s",
              total_steps, pairs_per_step, len(data.train), len(data.eval), device, str(compute_dtype).removeprefix("torch."))
+    log.info("loss %s; rewards/* are %s", config.dpo.loss, reward_definition(config.dpo))
 
     def dpo_forward(pairs: list[TokenizedPair], indices: list[int],
                     reference_table: ReferenceTable | None) -> tuple[Any, PairLogps, int]:
@@ -280,7 +283,8 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
     save_adapter(model, out)
     tokenizer.save_pretrained(out)
     summary = RunSummary(str(out), total_steps, len(data.train), len(data.eval), time.perf_counter() - started,
-                         final_train, final_eval, trainer_state["skipped_steps"], start_step)
+                         final_train, final_eval, trainer_state["skipped_steps"], start_step,
+                         reward_definition(config.dpo))
     temporary = out / f".tmp-{SUMMARY_FILE}"
     temporary.write_text(json.dumps(summary.__dict__, indent=2) + "\n", encoding="utf-8")
     temporary.replace(out / SUMMARY_FILE)

@@ -50,6 +50,7 @@ def test_train_writes_the_documented_output_layout(tmp_path, capsys):
     assert [r["step"] for r in rows if r["split"] == "eval"] == [2, 4]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["final_eval"]["step"] == 4
+    assert summary["rewards"].startswith("beta * log-ratio of policy to reference")
 
     # a finished run is never silently overwritten
     assert main(["train", *demo_args(tmp_path)]) == 2

@@ -200,3 +200,28 @@ def test_eval_fraction_split_is_seeded_and_disjoint(tmp_path, tokenizer):
     config = DataConfig(train_file=str(path), eval_file=str(path))
     both = load_preference_data(config, tokenizer, seed=1)
     assert (len(both.train), len(both.eval)) == (40, 40)
+
+
+def test_hub_dataset_name_reads_the_split(monkeypatch):
+    """A name that is no local file goes to datasets.load_dataset (faked here: the tests are offline)."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        if name == "org/missing":
+            raise FileNotFoundError("Dataset 'org/missing' doesn't exist on the Hub")
+        return [GOOD, {"prompt": "p", "chosen": " c"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    examples = load_examples("org/prefs", "test", COLUMNS, "skip", DataReport("org/prefs"))
+    assert calls == [("org/prefs", "test")] and len(examples) == 1
+    with pytest.raises(DataError, match=r"org/prefs\[train\]:row 1: field 'rejected': missing"):
+        load_examples("org/prefs", "train", COLUMNS, "error", DataReport("x"))
+    with pytest.raises(DataError, match=r"org/missing \(split train\): cannot load this dataset \(FileNotFoundError"):
+        load_examples("org/missing", "train", COLUMNS, "error", DataReport("x"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DataError, match=r"no such local file, and reading Hugging Face datasets needs the datasets package"):
+        load_examples("org/prefs", "train", COLUMNS, "error", DataReport("x"))

@@ -353,3 +353,12 @@ def test_training_lowers_each_loss_and_reference_free_losses_skip_the_reference(
         assert entered == [], "a reference-free loss ran the reference pass"
     else:
         assert entered, "a reference-based loss never ran the reference pass"
+
+
+@pytest.mark.parametrize("loss,words", [("sigmoid", "log-ratio of policy to reference"), ("ipo", "per-token log-ratio"),
+                                        ("simpo", "reference-free"), ("orpo", "reference-free")])
+def test_reward_definition_names_what_the_metrics_measure(loss, words):
+    from lora_dpo.config import DPOSettings
+    from lora_dpo.losses import reward_definition
+
+    assert words in reward_definition(DPOSettings(loss=loss))
