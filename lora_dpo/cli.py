@@ -15,6 +15,8 @@ from pathlib import Path
 from .errors import Interrupted, LoraDpoError
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEMO_PRETRAIN_STEPS = 300
+DEMO_PROMPTS = ("Can you tell me about bread?", "Why do people like owls?", "Give me a tip about snow.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,8 +142,8 @@ def _run(args: argparse.Namespace) -> int:
 
         base = Path(config.model.name_or_path)
         if not (base / "config.json").is_file():
-            logging.info("building the tiny demo model in %s", base)
-            build_demo_base(base)
+            logging.info("building the tiny demo model in %s (a few seconds of pre-training)", base)
+            build_demo_base(base, pretrain_steps=DEMO_PRETRAIN_STEPS)
     from .train import train
 
     if args.resume:
@@ -149,6 +151,13 @@ def _run(args: argparse.Namespace) -> int:
     summary = train(config, overwrite=args.overwrite, progress=False if args.no_progress else None)
     for line in summary.lines():
         print(line)
+    if args.command == "demo":
+        print("\nThe base model, pre-trained on kind and rude answers alike, picks either at random; the tuned "
+              "one should answer kindly (owls and snow are topics absent from training):")
+        words = ["generate", config.output.dir, "--compare", "--max-new-tokens", "60", "--seed", "2"]
+        for prompt in DEMO_PROMPTS:
+            words += ["--prompt", prompt]
+        return _run(_parser().parse_args(words))
     return 0
 
 

@@ -150,12 +150,49 @@ def build_tiny_model(tokenizer: Any, arch: str = "llama", hidden_size: int = 128
     return AutoModelForCausalLM.from_config(config)
 
 
+def pretrain(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], steps: int, seed: int = 0,
+             batch_size: int = 16, learning_rate: float = 3e-3) -> list[float]:
+    """Teach the random model to talk like the demo data, kind and rude answers alike, so the base
+    has both styles and DPO visibly moves it from one to the other. Plain next-token training of
+    the full model in float32; a few hundred steps take seconds on a CPU. Returns the losses."""
+    import torch
+
+    texts = [tokenizer.apply_chat_template(conversation, tokenize=False) for conversation in conversations]
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 20) * (1 - step / steps))
+    losses = []
+    model.train()
+    for _ in range(steps):
+        picked = torch.randint(len(rows), (batch_size,), generator=generator).tolist()
+        length = max(len(rows[i]) for i in picked)
+        input_ids = torch.full((batch_size, length), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, length), -100, dtype=torch.long)  # padding is not learnt
+        for row, index in enumerate(picked):
+            input_ids[row, : len(rows[index])] = torch.tensor(rows[index])
+            labels[row, : len(rows[index])] = torch.tensor(rows[index])
+        loss = model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 def build_demo_base(directory: str | Path, arch: str = "llama", hidden_size: int = 128, layers: int = 4,
-                    seed: int = 0) -> Path:
-    """Save a tokenizer and tiny model to ``directory`` as a normal Hugging Face model folder."""
+                    seed: int = 0, pretrain_steps: int = 0) -> Path:
+    """Save a tokenizer and tiny model to ``directory`` as a normal Hugging Face model folder,
+    pre-trained for ``pretrain_steps`` on the demo conversations (0: random weights)."""
     directory = Path(directory)
     tokenizer = build_tokenizer(corpus_texts())
     model = build_tiny_model(tokenizer, arch=arch, hidden_size=hidden_size, layers=layers, seed=seed)
+    if pretrain_steps:
+        rows = demo_pairs(TRAIN_TOPICS, 480, seed=1)
+        conversations = [row["prompt"] + row[side] for row in rows for side in ("chosen", "rejected")]
+        pretrain(model, tokenizer, conversations, pretrain_steps, seed=seed)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -21,18 +21,27 @@ def demo_args(tmp_path, *extra):
 
 
 def test_demo_reaches_its_held_out_accuracy(tmp_path, capsys):
-    """The shipped demo, as the README runs it: the preference must generalise to unseen topics."""
+    """The shipped demo, as the README runs it: the preference must generalise to unseen topics,
+    and the tuned model's sampled answers must be kind ones."""
+    from lora_dpo.demo import RUDE_BODIES, RUDE_CLOSERS, RUDE_OPENERS
+
     assert main(["demo", *demo_args(tmp_path), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "held-out (64 pairs): preference accuracy" in printed
     evals = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open() if '"eval"' in line]
     assert evals[-1]["step"] == 60 and evals[-1]["rewards/accuracy"] >= 0.9
     assert evals[-1]["rewards/margins"] > 1.0
+    tuned = [block.split("\n", 1)[1].split("\n\n")[0].strip() for block in printed.split("--- adapter")[1:]]
+    assert len(tuned) == 3
+    rude = [phrase.split("{")[0].strip() for phrase in RUDE_OPENERS + RUDE_BODIES + RUDE_CLOSERS]
+    for answer in tuned:
+        assert answer and not any(phrase and phrase in answer for phrase in rude), answer
 
 
 def test_train_writes_the_documented_output_layout(tmp_path, capsys):
     assert main(["demo", *demo_args(tmp_path, "train.max_steps=4", "train.eval_every=2", "train.save_every=2",
-                                    "train.micro_batch_size=2"), "--no-progress"]) == 0
+                                    "train.micro_batch_size=2", "dpo.loss=sigmoid", "dpo.rpo_alpha=null"),
+                 "--no-progress"]) == 0
     out = tmp_path / "out"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "config.yaml", "metrics.jsonl", "summary.json", "checkpoint-2/adapter_model.safetensors"):
