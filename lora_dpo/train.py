@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from .batching import PairLogps, collate, length_grouped_batches, pair_logps
-from .checkpoint import complete_checkpoints, remove_partial_writes, restore_checkpoint, write_checkpoint
+from .checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, remove_partial_writes, restore_checkpoint, write_checkpoint
 from .config import Config, load_config, save_config
 from .data import TokenizedPair, read_preference_examples, tokenize_preference_data
 from .errors import Interrupted, LoraDpoError
@@ -37,6 +37,7 @@ from .reference_cache import ReferenceTable, reference_logps_for
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"  # written last, atomically: its presence means the run finished
+RUN_MARKER = ".lora-dpo-run"  # lists the files a run wrote: only those are ever deleted by a later run
 
 
 @dataclass
@@ -66,13 +67,28 @@ class RunSummary:
         return out
 
 
-def check_output_dir(path: Path, overwrite: bool, resume: str) -> Path | None:
-    """Refuse to clobber earlier work; return the checkpoint to resume from, if any."""
-    if path.exists() and not path.is_dir():
-        raise LoraDpoError(f"output.dir {path} is a file. Fix: choose a directory path")
+def check_output_dir(path: Path, overwrite: bool, resume: str, protected: list[Path]) -> Path | None:
+    """Refuse to clobber earlier work; return the checkpoint to resume from, if any.
+
+    Only a directory that lora-dpo made (it holds RUN_MARKER) is ever cleared, and then only of the
+    files the run wrote; a directory holding the data or the working directory never is.
+    """
+    for ancestor in [path, *path.parents]:
+        if ancestor.exists() and not ancestor.is_dir():
+            raise LoraDpoError(f"output.dir {path}: {ancestor} is a file. Fix: choose a directory path")
+    resolved = path.resolve()
+    for precious in [Path.cwd(), *protected]:
+        if resolved == precious.resolve() or resolved in precious.resolve().parents:
+            raise LoraDpoError(f"output.dir {path} holds {precious}, which a run must not touch. "
+                               "Fix: give the run a directory of its own, e.g. runs/NAME")
     if overwrite and resume == "always":
         raise LoraDpoError("--overwrite and --resume contradict each other. Fix: pass one of them")
-    if not path.is_dir() or not any(path.iterdir()) or overwrite:
+    empty = not path.is_dir() or not any(path.iterdir())
+    ours = (path / RUN_MARKER).is_file()
+    if not empty and not ours and (overwrite or resume != "never"):
+        raise LoraDpoError(f"output.dir {path} holds files that lora-dpo did not write, and --overwrite/--resume only "
+                           "act on lora-dpo runs. Fix: choose another output.dir")
+    if empty or overwrite:
         if resume == "always":
             raise LoraDpoError(f"output.dir {path} holds no checkpoint to resume from. Fix: drop --resume "
                                "(or train.resume), or point output.dir at the interrupted run")
@@ -86,18 +102,35 @@ def check_output_dir(path: Path, overwrite: bool, resume: str) -> Path | None:
     if resume == "always":
         raise LoraDpoError(f"output.dir {path} holds no complete checkpoint to resume from (the run stopped before "
                            "its first save). Fix: pass --overwrite to start again")
-    if resume == "auto" and (path / "config.yaml").exists():
+    if resume == "auto":
         return None  # a run of ours that stopped before its first checkpoint: start it again
     hint = ", or --resume to continue it" if checkpoints else ""
-    raise LoraDpoError(f"output.dir {path} already holds files. Fix: choose another output.dir, "
-                       f"pass --overwrite to replace them{hint}")
+    raise LoraDpoError(f"output.dir {path} already holds a run. Fix: choose another output.dir, "
+                       f"pass --overwrite to replace it{hint}")
+
+
+def _clear_run(path: Path) -> None:
+    """Delete what an earlier run wrote (listed in RUN_MARKER), its checkpoints and partial writes;
+    anything else the user put there stays."""
+    written = set(json.loads((path / RUN_MARKER).read_text(encoding="utf-8")).get("files", []))
+    for entry in path.iterdir():
+        if entry.name in written or entry.name.startswith((CHECKPOINT_PREFIX, ".tmp-")):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    (path / RUN_MARKER).unlink(missing_ok=True)
+
+
+def _record_written(path: Path, names: set[str]) -> None:
+    marker = path / RUN_MARKER
+    known = set(json.loads(marker.read_text(encoding="utf-8")).get("files", [])) if marker.exists() else set()
+    marker.write_text(json.dumps({"files": sorted(known | names | {SUMMARY_FILE})}) + "\n", encoding="utf-8")
 
 
 def train(config: Config, overwrite: bool = False, progress: bool | None = None) -> RunSummary:
     """Train a LoRA adapter with DPO as ``config`` says; returns what the run achieved."""
     started = time.perf_counter()
     out = Path(config.output.dir)
-    resume_from = check_output_dir(out, overwrite, config.train.resume)
+    data_files = [Path(f) for f in (config.data.train_file, config.data.eval_file) if f and Path(f).exists()]
+    resume_from = check_output_dir(out, overwrite, config.train.resume, data_files)
     _seed_everything(config.train.seed)
     device = resolve_device(config.model.device)
     examples = read_preference_examples(config.data, config.train.seed)
@@ -140,9 +173,10 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         trainer_state = restore_checkpoint(resume_from, model, optimizer, scheduler, scaler, metrics_path)
         log.info("resuming from %s (step %d)", resume_from, trainer_state["step"])
     else:
-        if out.exists() and (overwrite or config.train.resume == "auto"):
-            shutil.rmtree(out)
+        if (out / RUN_MARKER).is_file():
+            _clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
+        _record_written(out, {"config.yaml", "metrics.jsonl"})
         metrics_path.write_text("", encoding="utf-8")
     save_config(config, out / "config.yaml")
     metrics_file = metrics_path.open("a", encoding="utf-8")
@@ -280,8 +314,10 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         bar.close()
         metrics_file.close()
 
+    before = {entry.name for entry in out.iterdir()}
     save_adapter(model, out)
     tokenizer.save_pretrained(out)
+    _record_written(out, {entry.name for entry in out.iterdir()} - before)
     summary = RunSummary(str(out), total_steps, len(data.train), len(data.eval), time.perf_counter() - started,
                          final_train, final_eval, trainer_state["skipped_steps"], start_step,
                          reward_definition(config.dpo))

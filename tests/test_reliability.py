@@ -193,3 +193,33 @@ def test_out_of_memory_is_a_clear_message(llama_dir, demo_rows, tmp_path, monkey
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "out of GPU memory at step 1 with train.micro_batch_size=8" in err and "lower train.micro_batch_size" in err
+
+
+def test_overwrite_and_resume_never_delete_what_lora_dpo_did_not_write(llama_dir, demo_rows, tmp_path, monkeypatch,
+                                                                        capsys):
+    mine = tmp_path / "exp"
+    mine.mkdir()
+    data = write_jsonl(mine / "pairs.jsonl", demo_rows)
+    (mine / "notes.txt").write_text("keep me")
+    args = ["train", str(REPO / "configs" / "demo.yaml"), f"model.name_or_path={llama_dir}", f"data.train_file={data}",
+            "data.eval_file=null", "train.max_steps=1", "train.micro_batch_size=2"]
+    for extra in (["--overwrite"], ["train.resume=auto"], ["--resume"]):
+        assert main([*args, f"output.dir={mine}", *extra]) == 2
+        assert "which a run must not touch" in capsys.readouterr().err  # the data lives there
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    for extra in (["--overwrite"], ["train.resume=auto"]):
+        assert main([*args, f"output.dir={other}", *extra]) == 2
+        assert "holds files that lora-dpo did not write" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "output.dir=.", "--overwrite"]) == 2
+    assert "which a run must not touch" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me" and data.exists() and (other / "notes.txt").exists()
+
+    run = tmp_path / "run"
+    assert main([*args, f"output.dir={run}", "--no-progress"]) == 0
+    (run / "my-notes.txt").write_text("mine")
+    assert main([*args, f"output.dir={run}", "--overwrite", "--no-progress", "train.max_steps=2"]) == 0
+    assert (run / "my-notes.txt").read_text() == "mine"  # a rerun replaces only what the run wrote
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
