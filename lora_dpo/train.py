@@ -215,8 +215,9 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         model.train()
         return totals.means()
 
-    def optimizer_step(micro_batches: list[list[int]]) -> tuple[dict[str, float], bool]:
-        """Accumulate gradients over the micro-batches and apply them unless something is non-finite."""
+    def optimizer_step(micro_batches: list[list[int]]) -> tuple[dict[str, float], bool, bool]:
+        """Accumulate gradients over the micro-batches and apply them unless something is non-finite;
+        returns the metrics, whether the update was applied, and whether the step was bad."""
         totals = _MetricSums()
         tokens = 0
         step_pair_count = sum(len(indices) for indices in micro_batches)
@@ -231,20 +232,26 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm or float("inf")))
         metrics = {**totals.means(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}
-        # With float16 the scaler owns inf gradients (it skips the step and lowers the scale), so
-        # only a non-finite loss counts as bad there.
-        applied = math.isfinite(metrics["loss"]) and (scaler is not None or math.isfinite(grad_norm))
-        if applied and scaler:
+        if scaler:
+            # float16: the scaler owns non-finite gradients — it skips the update and lowers its
+            # scale, which is routine while it calibrates — and must see every step, skipped or not,
+            # or its next unscale_ fails. Only a non-finite loss counts as bad here.
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
-        elif applied:
-            optimizer.step()
+            bad = not math.isfinite(metrics["loss"])
+            applied = not bad and scaler.get_scale() >= scale
+        else:
+            bad = not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm))
+            applied = not bad
+            if applied:
+                optimizer.step()
         scheduler.step()  # also on skipped steps, so the schedule stays tied to the step number
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         metrics["tokens"] = tokens
-        return metrics, applied
+        return metrics, applied, bad
 
     start_step = trainer_state["step"]
     stream = _micro_batch_stream(data.train, micro_batch_size, config.train.seed, config.data.group_by_length,
@@ -262,18 +269,19 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
             step_start = time.perf_counter()
             micro_batches = [next(stream) for _ in range(accumulation)]
             try:
-                metrics, applied = optimizer_step(micro_batches)
+                metrics, applied, bad = optimizer_step(micro_batches)
             except torch.OutOfMemoryError as exc:
                 raise _out_of_memory(config, step, [data.train[i] for b in micro_batches for i in b]) from exc
             trainer_state["batches_consumed"] += len(micro_batches)
             trainer_state["pairs_consumed"] += sum(len(b) for b in micro_batches)
-            if applied:
-                trainer_state["consecutive_bad_steps"] = 0
-            else:
+            if not applied:
                 trainer_state["skipped_steps"] += 1
+            if bad:
                 trainer_state["consecutive_bad_steps"] += 1
                 log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped",
                             step, metrics["loss"], metrics["grad_norm"])
+            else:
+                trainer_state["consecutive_bad_steps"] = 0
             seconds = time.perf_counter() - step_start
             tokens = metrics.pop("tokens")
             row = {"step": step, "split": "train", "epoch": trainer_state["pairs_consumed"] / len(data.train), **metrics,

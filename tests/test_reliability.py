@@ -223,3 +223,23 @@ def test_overwrite_and_resume_never_delete_what_lora_dpo_did_not_write(llama_dir
     assert main([*args, f"output.dir={run}", "--overwrite", "--no-progress", "train.max_steps=2"]) == 0
     assert (run / "my-notes.txt").read_text() == "mine"  # a rerun replaces only what the run wrote
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
+def test_float16_loss_scaling_survives_a_non_finite_step(llama_dir, demo_rows, tmp_path, monkeypatch):
+    """With float16 the GradScaler must see every step, skipped or not (else its next unscale_ fails)."""
+    real_loss = train_module.preference_loss
+    calls = {"n": 0}
+
+    def nan_at_first(settings, policy, reference):
+        calls["n"] += 1
+        result = real_loss(settings, policy, reference)
+        return result._replace(losses=result.losses * float("nan")) if calls["n"] == 1 else result
+
+    monkeypatch.setattr(train_module, "preference_loss", nan_at_first)
+    out = tmp_path / "fp16"
+    summary = train_module.train(make_config(llama_dir, write_jsonl(tmp_path / "t.jsonl", demo_rows), out,
+                                             "train.max_steps=3", "data.eval_fraction=0", "model.compute_dtype=float16",
+                                             "model.load_in_4bit=false"), progress=False)
+    rows = metrics(out)
+    assert summary.steps == 3 and rows[0]["skipped"] is True
+    assert all(r["loss"] == r["loss"] for r in rows[1:])  # finite after the bad step
