@@ -314,7 +314,9 @@ def pair_logps(model: Any, batch: PairBatch, chunk_size: int = 512) -> PairLogps
     segments = 2 * batch.num_pairs
     sums = torch.zeros(segments, dtype=torch.float32, device=token_logps.device)
     sums = sums.index_add(0, batch.target_segments, token_logps)
-    counts = torch.bincount(batch.target_segments, minlength=segments)
+    # index_add rather than bincount: bincount on CUDA reads its maximum back to the host (a sync).
+    counts = torch.zeros(segments, dtype=torch.long, device=token_logps.device).index_add(
+        0, batch.target_segments, torch.ones_like(batch.target_segments))
     b = batch.num_pairs
     return PairLogps(sums[:b], sums[b:], counts[:b], counts[b:])
 

@@ -397,7 +397,7 @@ class _MetricSums:
     """Per-pair metric sums over micro-batches; means are over pairs, not micro-batches."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.pairs = 0
 
     def add(self, result: Any, policy: PairLogps) -> None:
@@ -411,12 +411,19 @@ class _MetricSums:
             "logps/chosen": policy.chosen.detach(),
             "logps/rejected": policy.rejected.detach(),
         }
+        # Sums stay on the device: reading them back per micro-batch would stall the GPU while the
+        # CPU builds the next batch. means() reads them once per step.
         for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value.float().sum())
+            total = value.detach().float().sum()
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
         self.pairs += result.losses.shape[0]
 
     def means(self) -> dict[str, float]:
-        return {name: total / max(1, self.pairs) for name, total in self.sums.items()}
+        if not self.sums:
+            return {}
+        names = list(self.sums)
+        totals = torch.stack([self.sums[name] for name in names]).tolist()
+        return {name: total / max(1, self.pairs) for name, total in zip(names, totals)}
 
 
 def _micro_batch_stream(pairs: list[TokenizedPair], micro_batch_size: int, seed: int, group_by_length: bool,
