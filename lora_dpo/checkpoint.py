@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .errors import LoraDpoError
+
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"  # written last inside the temporary directory
 
@@ -179,16 +181,21 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, s
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .modeling import TRAINED_ADAPTER
+    from .modeling import TRAINED_ADAPTER, one_line
 
-    adapter = load_file(str(path / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, adapter, adapter_name=TRAINED_ADAPTER)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise RuntimeError(f"{path}: adapter does not fit this model (unexpected keys {unexpected[:3]})")
-    optimizer.load_state_dict(load_state(path, "optimizer"))
-    loop = load_state(path, "loop")
-    scheduler.load_state_dict(loop["scheduler"])
+    try:
+        adapter = load_file(str(path / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, adapter, adapter_name=TRAINED_ADAPTER)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RuntimeError(f"unexpected adapter weights such as {unexpected[0]}")
+        optimizer.load_state_dict(load_state(path, "optimizer"))
+        loop = load_state(path, "loop")
+        scheduler.load_state_dict(loop["scheduler"])
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise LoraDpoError(f"{path} does not fit the current settings ({one_line(exc)}). Fix: resume with the "
+                           f"lora.* and train.optim settings in {path.parent / 'config.yaml'}, or pass --overwrite "
+                           "to start again") from None
     if scaler is not None and "scaler" in loop:
         scaler.load_state_dict(loop["scaler"])
     if (path / "metrics.jsonl").exists():

@@ -241,6 +241,12 @@ class Config:
         for ok, key, message in checks:
             if not ok:
                 raise ConfigError(f"{key} {message} (got {_get(self, key)!r})", key=key)
+        if self.model.init_adapter:
+            for name in (f.name for f in dataclasses.fields(LoraSettings)):
+                if getattr(self.lora, name) != getattr(LoraSettings(), name):
+                    raise ConfigError(f"lora.{name} cannot be set with model.init_adapter: the adapter's own "
+                                      "adapter_config.json decides its shape. Fix: remove lora.* from the config",
+                                      key=f"lora.{name}")
         self._validate_loss_selection()
 
     def _validate_loss_selection(self) -> None:

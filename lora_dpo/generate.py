@@ -23,9 +23,11 @@ import torch
 from .config import ModelConfig
 from .data import RowError, Text, check_text_field, read_rows
 from .errors import DataError, LoraDpoError
-from .merge import DTYPES, apply_adapter, inspect_adapter, load_adapter_tokenizer, load_base
-from .modeling import resolve_device
-from .modeling import load_tokenizer, resolve_compute_dtype
+from .merge import (
+    DTYPES, _one_line, apply_adapter, check_finished_run, inspect_adapter, load_adapter_tokenizer, load_base,
+    load_tokenizer_from, one_line_errors,
+)
+from .modeling import resolve_compute_dtype, resolve_device
 
 SIDE_BY_SIDE_MIN_WIDTH = 80
 
@@ -92,16 +94,17 @@ def load_generator(path: str, base: Optional[str], device_name: str, dtype_name:
         tokenizer = load_adapter_tokenizer(source)
         what = f"{'4-bit' if four_bit else '16-bit'} {source.model.name_or_path} + adapter {path}"
         return Generator(model, tokenizer, device, True, what)
+    check_finished_run(Path(path))  # an interrupted training run: name its checkpoint, not "a model directory"
     if base:
         raise LoraDpoError(f"--base applies to adapter directories, and {path} holds no adapter_config.json. "
                            "Fix: drop --base, or point at an adapter directory")
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=path))
+    fix = "point at a model directory, a merged model, or an adapter directory"
+    tokenizer = load_tokenizer_from(ModelConfig(name_or_path=path), fix)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES.get(dtype_name, "auto"),
                                                      device_map={"": str(device)})
     except (OSError, ValueError) as exc:
-        raise LoraDpoError(f"{path}: cannot load the model ({str(exc).splitlines()[0][:300]}). Fix: point at a "
-                           "model directory, a merged model, or an adapter directory") from None
+        raise LoraDpoError(f"{path}: cannot load the model ({_one_line(exc)}). Fix: {fix}") from None
     return Generator(model.eval(), tokenizer, device, False, path)
 
 
@@ -115,7 +118,11 @@ def read_prompts(prompts: list[str], prompts_file: Optional[str], column: str) -
         if path.suffix.lower() == ".txt":
             if not path.is_file():
                 raise LoraDpoError(f"{path}: file not found. Fix: check --prompts")
-            found += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise LoraDpoError(f"{path}: not UTF-8 text (byte {exc.start}). Fix: re-save the file as UTF-8") from None
+            found += [line for line in text.splitlines() if line.strip()]
         else:
             for where, row in read_rows(prompts_file):
                 if not isinstance(row, dict) or column not in row:
@@ -174,17 +181,28 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines
 
 
+def check_output_file(path: Path) -> None:
+    """--output is opened only after the model has loaded (minutes for a large one): check it first."""
+    if path.is_dir():
+        raise LoraDpoError(f"--output {path} is a directory. Fix: give a file path, e.g. {path / 'answers.jsonl'}")
+    if not path.parent.is_dir():
+        raise LoraDpoError(f"--output {path}: the directory {path.parent} does not exist. Fix: create it")
+
+
 def run_generate_command(args: Any) -> int:
     """``lora-dpo generate``: answers printed to stdout, and written to --output as JSON lines."""
+    with one_line_errors():
+        return _generate(args)
+
+
+def _generate(args: Any) -> int:
     settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                                 args.repetition_penalty, args.seed)
     settings.check()
     prompts = read_prompts(args.prompt, args.prompts, args.prompt_column)
     output = None
     if args.output:
-        output_path = Path(args.output)
-        if not output_path.parent.is_dir():
-            raise LoraDpoError(f"--output {output_path}: the directory {output_path.parent} does not exist. Fix: create it")
+        check_output_file(Path(args.output))
     generator = load_generator(args.model, args.base, args.device, args.dtype)
     if args.compare and not generator.has_adapter:
         raise LoraDpoError(f"--compare needs an adapter directory, and {args.model} holds no adapter_config.json. "

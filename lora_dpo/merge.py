@@ -14,6 +14,7 @@ failure never leaves a half-written model behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -25,11 +26,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from .batching import collate, pair_logps
+from .checkpoint import CHECKPOINT_PREFIX, checkpoint_step, complete_checkpoints
 from .config import Config, DataConfig, ModelConfig, load_config
 from .data import DataReport, TokenizedPair, load_examples, load_preference_data, tokenize_examples
 from .errors import DataError, LoraDpoError
@@ -70,12 +72,14 @@ def inspect_adapter(directory: str | Path, base: str | None = None) -> AdapterSo
     directory = Path(directory)
     config_file = directory / "adapter_config.json"
     if not config_file.is_file():
+        check_finished_run(directory)
         raise LoraDpoError(f"{directory}: no adapter_config.json here. Fix: point at the output.dir of a "
                            "training run (or any directory written by peft's save_pretrained)")
     try:
         adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LoraDpoError(f"{config_file}: not valid JSON ({exc}). Fix: restore the file from the training run") from None
+        raise LoraDpoError(f"{config_file}: not valid JSON ({_one_line(exc)}). "
+                           "Fix: restore the file from the training run") from None
     if not isinstance(adapter_config, dict) or adapter_config.get("peft_type") != "LORA":
         kind = adapter_config.get("peft_type") if isinstance(adapter_config, dict) else None
         raise LoraDpoError(f"{config_file}: peft_type is {kind!r}, only LORA adapters can be merged. "
@@ -101,6 +105,26 @@ def inspect_adapter(directory: str | Path, base: str | None = None) -> AdapterSo
     return AdapterSource(directory, model, training, tokenizer_path, weights)
 
 
+def check_finished_run(directory: Path) -> None:
+    """Refuse a training run that stopped early with a message naming the checkpoint to use instead.
+
+    Training writes the adapter to the top of output.dir only when it finishes; an interrupted run
+    holds config.yaml and checkpoint-STEP directories, each with an adapter of its own.
+    """
+    if not directory.is_dir():
+        return
+    complete = complete_checkpoints(directory)
+    if complete:
+        raise LoraDpoError(f"{directory}: the run did not finish (no adapter_config.json at the top, only "
+                           f"checkpoints). Fix: use {complete[-1]}, the newest complete checkpoint, or finish the "
+                           "run with lora-dpo train CONFIG --resume")
+    started = any(checkpoint_step(path) is not None for path in directory.glob(f"{CHECKPOINT_PREFIX}*"))
+    if started or (directory / TRAINING_CONFIG).is_file():
+        raise LoraDpoError(f"{directory}: the run did not finish and saved no complete checkpoint (none holds "
+                           "trainer_state.json), so it has no adapter yet. Fix: train it again with "
+                           "lora-dpo train CONFIG --overwrite")
+
+
 def _read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -124,11 +148,42 @@ def _read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The most telling line of a library error, short enough for a one-line message."""
+    """The most telling line of a library error, short enough for a one-line message: the first
+    line naming a mismatch or a missing file, else all lines joined."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     telling = [line for line in lines if "mismatch" in line or "not found" in line]
-    text = (telling or lines or [type(exc).__name__])[0]
+    text = telling[0] if telling else " ".join(lines) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """The CLI promises one-line errors; a message built elsewhere around a library's multi-line
+    error (a data file reader, a YAML parser) is joined into one line here, keeping its type."""
+    try:
+        yield
+    except LoraDpoError as exc:
+        message = str(exc)
+        if "\n" in message:
+            exc.args = (" ".join(line.strip() for line in message.splitlines() if line.strip()),)
+        raise
+
+
+def load_tokenizer_from(model_config: ModelConfig, fix: str) -> Any:
+    """modeling.load_tokenizer with a one-line message whose fix names this command's flags.
+
+    load_tokenizer's own message pastes the library's error (often several lines) and names the
+    training config's model.name_or_path; it raises ``from None``, which hides the library error
+    from tracebacks but keeps it as __context__, so it can be summarised here.
+    """
+    try:
+        return load_tokenizer(model_config)
+    except LoraDpoError as exc:
+        cause = exc.__context__
+        if not Path(model_config.name_or_path).exists() or not isinstance(cause, (OSError, ValueError)):
+            raise  # the hub message and load_tokenizer's own checks (no EOS token) are one line with a fix
+        raise LoraDpoError(f"{model_config.name_or_path}: cannot load the tokenizer from this directory "
+                           f"({_one_line(cause)}). Fix: {fix}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +254,10 @@ def apply_adapter(base_model: Any, source: AdapterSource) -> Any:
 def load_adapter_tokenizer(source: AdapterSource) -> Any:
     """The tokenizer training used: the run directory's copy, else the base's."""
     from_base = source.tokenizer_path == source.model.name_or_path
-    return load_tokenizer(dataclasses.replace(source.model, name_or_path=source.tokenizer_path,
-                                              revision=source.model.revision if from_base else None))
+    fix = ("pass --base with the local directory or hub id of the model the adapter was trained on" if from_base
+           else "copy the tokenizer files again from the training run")
+    return load_tokenizer_from(dataclasses.replace(source.model, name_or_path=source.tokenizer_path,
+                                                   revision=source.model.revision if from_base else None), fix)
 
 
 def copy_dequantized_weights(four_bit_model: Any, plain_model: Any) -> int:
@@ -393,6 +450,28 @@ def check_merge_output(out: Path, overwrite: bool, protected: list[Path]) -> Non
         raise LoraDpoError(f"--out {out} is not empty. Fix: choose another directory, or pass --overwrite to replace it")
 
 
+def check_shard_size(max_shard_size: str | int) -> None:
+    """Refuse a --max-shard-size that save_pretrained would refuse, before the merge rather than after it.
+
+    The format check is huggingface_hub's own parser, the one save_pretrained applies (run here on an
+    empty state dict, so it costs nothing): a number and a unit, TB, GB, MB or KB. It accepts zero
+    and negative sizes, which would put every tensor in a shard of its own.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    fix = "Fix: give a positive number with a unit, e.g. 2GB or 500MB (units: TB, GB, MB, KB)"
+    if isinstance(max_shard_size, int):
+        positive = max_shard_size > 0
+    else:
+        try:
+            split_torch_state_dict_into_shards({}, max_shard_size=max_shard_size)
+        except (ValueError, OverflowError):  # OverflowError: "infGB"
+            raise LoraDpoError(f"--max-shard-size {max_shard_size!r}: not a size. {fix}") from None
+        positive = float(max_shard_size.strip()[:-2]) > 0  # the parser accepted it, so this parses too
+    if not positive:
+        raise LoraDpoError(f"--max-shard-size {max_shard_size!r}: must be positive. {fix}")
+
+
 def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base: str | None = None, dtype: str = "auto",
                   device: str = "cpu", base_weights: str = "original", verify: bool = True,
                   verify_data: str | None = None, verify_pairs: int = DEFAULT_VERIFY_PAIRS,
@@ -407,6 +486,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base: str | None 
         raise LoraDpoError(f"--dtype {dtype!r}: use auto or one of {', '.join(DTYPES)}")
     if verify_pairs < 1:
         raise LoraDpoError(f"--verify-pairs {verify_pairs}: must be at least 1 (or pass --no-verify)")
+    check_shard_size(max_shard_size)
     source = inspect_adapter(adapter_dir, base)
     trained_in_4bit = source.model.load_in_4bit
     if base_weights == "dequantized" and not trained_in_4bit:
@@ -535,11 +615,13 @@ def run_merge_command(args: Any) -> int:
     """``lora-dpo merge``: the CLI front of merge_adapter."""
     if not math.isfinite(args.max_logp_diff) or args.max_logp_diff < 0:
         raise LoraDpoError(f"--max-logp-diff {args.max_logp_diff}: must be a number >= 0")
-    result = merge_adapter(
-        args.adapter, args.out, base=args.base, dtype=args.dtype, device=args.device, base_weights=args.base_weights,
-        verify=not args.no_verify, verify_data=args.verify_data, verify_pairs=args.verify_pairs,
-        max_logp_diff=args.max_logp_diff, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-    )
+    with one_line_errors():
+        result = merge_adapter(
+            args.adapter, args.out, base=args.base, dtype=args.dtype, device=args.device,
+            base_weights=args.base_weights, verify=not args.no_verify, verify_data=args.verify_data,
+            verify_pairs=args.verify_pairs, max_logp_diff=args.max_logp_diff, max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
     for line in result.lines():
         print(line)
     return 0

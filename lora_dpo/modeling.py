@@ -58,9 +58,16 @@ def load_tokenizer(model_config: ModelConfig) -> Any:
     return tokenizer
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message: library errors often span many lines."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
+
+
 def _not_found(name: str, what: str, exc: Exception) -> str:
     if Path(name).exists():
-        return f"{name}: cannot load the {what} from this directory ({exc}). Fix: point model.name_or_path at a model saved with save_pretrained"
+        return (f"{name}: cannot load the {what} from this directory ({one_line(exc)}). "
+                "Fix: point at a model directory saved with save_pretrained")
     return (f"{name}: cannot load the {what}: not a local directory, and the hub copy could not be read "
             f"({type(exc).__name__}). Fix: check the name, your network or HF_HUB_OFFLINE, or download the model first")
 
@@ -83,6 +90,10 @@ def load_model(config: Config, device: torch.device) -> Any:
         kwargs["quantization_config"] = four_bit_config(model_config, compute_dtype)
     try:
         base = AutoModelForCausalLM.from_pretrained(model_config.name_or_path, **kwargs)
+    except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
+        raise ConfigError(f"model.attn_implementation={model_config.attn_implementation}: {one_line(exc)}. "
+                          "Fix: install what it names, or use model.attn_implementation=sdpa",
+                          key="model.attn_implementation") from None
     except (OSError, ValueError) as exc:
         raise LoraDpoError(_not_found(model_config.name_or_path, "model", exc)) from None
     if model_config.load_in_4bit and device.type == "cpu":
@@ -99,9 +110,14 @@ def load_model(config: Config, device: torch.device) -> Any:
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ConfigError(f"model.init_adapter: {adapter_dir} holds no adapter_config.json. "
                               "Fix: point it at a directory written by peft's save_pretrained", key="model.init_adapter")
-        model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=TRAINED_ADAPTER, is_trainable=True)
-        # A frozen second copy is the reference: DPO measures drift from the SFT model, not from the bare base.
-        model.load_adapter(str(adapter_dir), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        try:
+            model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=TRAINED_ADAPTER, is_trainable=True)
+            # A frozen second copy is the reference: DPO measures drift from the SFT model, not the bare base.
+            model.load_adapter(str(adapter_dir), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"model.init_adapter: {adapter_dir} does not fit {model_config.name_or_path} "
+                              f"({one_line(exc)}). Fix: use the adapter trained on this base, or the base it names "
+                              "in its adapter_config.json", key="model.init_adapter") from None
         model.set_adapter(TRAINED_ADAPTER)
     else:
         lora = LoraConfig(
@@ -111,7 +127,12 @@ def load_model(config: Config, device: torch.device) -> Any:
             target_modules=config.lora.target_modules,
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(base, lora)
+        try:
+            model = get_peft_model(base, lora)
+        except ValueError as exc:  # peft's "target modules not found" is a ValueError subclass
+            raise ConfigError(f"lora.target_modules={config.lora.target_modules!r}: {one_line(exc)}. Fix: use "
+                              "all-linear, or names of the model's linear layers (e.g. q_proj, v_proj)",
+                              key="lora.target_modules") from None
     for name, param in model.named_parameters():
         if param.requires_grad and "lora_" not in name:
             raise LoraDpoError(f"unexpected trainable base parameter {name}")

@@ -131,6 +131,8 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
     out = Path(config.output.dir)
     data_files = [Path(f) for f in (config.data.train_file, config.data.eval_file) if f and Path(f).exists()]
     resume_from = check_output_dir(out, overwrite, config.train.resume, data_files)
+    if resume_from is not None:
+        _check_config_changes(out / "config.yaml", config)
     _seed_everything(config.train.seed)
     device = resolve_device(config.model.device)
     examples = read_preference_examples(config.data, config.train.seed)
@@ -168,7 +170,6 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
                     model, pairs, config.model, compute_dtype, pad_id, cache_dir, micro_batch_size,
                     config.data.layout, chunk, config.data.pack_length)
     if resume_from is not None:
-        _warn_config_changes(out / "config.yaml", config)
         remove_partial_writes(out)
         trainer_state = restore_checkpoint(resume_from, model, optimizer, scheduler, scaler, metrics_path)
         log.info("resuming from %s (step %d)", resume_from, trainer_state["step"])
@@ -374,11 +375,18 @@ def _out_of_memory(config: Config, step: int, pairs: list[TokenizedPair]) -> Lor
         "data.max_length or dpo.logps_chunk_size, keep model.gradient_checkpointing on; --debug shows the traceback")
 
 
-def _warn_config_changes(saved: Path, config: Config) -> None:
+def _check_config_changes(saved: Path, config: Config) -> None:
     if not saved.exists():
         return
     before, after = _flatten(load_config(saved).to_dict()), _flatten(config.to_dict())
     changed = sorted(k for k in after if before.get(k) != after[k] and k != "train.resume")
+    # These decide the shapes of the adapter and the optimizer state: a checkpoint cannot carry over.
+    structural = [k for k in changed if k.startswith("lora.") or k in (
+        "train.optim", "model.name_or_path", "model.init_adapter", "model.load_in_4bit")]
+    if structural:
+        raise LoraDpoError(f"cannot resume with changed {', '.join(structural)} (the checkpoints were made with "
+                           f"{', '.join(f'{k}={before.get(k)!r}' for k in structural)}). Fix: restore those settings, "
+                           "or pass --overwrite to start again")
     if changed:
         log.warning("resuming with changed settings: %s", ", ".join(f"{k}: {before.get(k)!r} -> {after[k]!r}" for k in changed))
 

@@ -243,3 +243,16 @@ def test_float16_loss_scaling_survives_a_non_finite_step(llama_dir, demo_rows, t
     rows = metrics(out)
     assert summary.steps == 3 and rows[0]["skipped"] is True
     assert all(r["loss"] == r["loss"] for r in rows[1:])  # finite after the bad step
+
+
+def test_resuming_with_changed_adapter_or_optimizer_settings_is_a_clear_error(run_config, uninterrupted, tmp_path,
+                                                                             capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    (out / "summary.json").unlink()  # make it look interrupted after its last checkpoint
+    for change in ("lora.r=4", "train.optim=adamw"):
+        assert main(["train", str(run_config), f"output.dir={out}", "--resume", change]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot resume with changed" in err and "--overwrite" in err
