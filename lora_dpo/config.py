@@ -30,7 +30,7 @@ class ModelConfig:
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) of the base model; null takes the default branch."""
     load_in_4bit: bool = True
-    """Load the base in 4-bit NF4 with bitsandbytes; false loads it in 16-bit (about 4x the memory)."""
+    """Load the base in 4-bit NF4 with bitsandbytes; false loads it unquantized in compute_dtype (about 4x the memory in 16-bit)."""
     double_quant: bool = True
     """Quantize the 4-bit block scales too, saving about 0.4 bits per weight."""
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -168,7 +168,7 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on the held-out pairs every this many steps (0: only at the end)."""
     save_every: int = 0
-    """Save the adapter to checkpoint-STEP every this many steps (0: only at the end)."""
+    """Write a resumable checkpoint-STEP every this many steps (0: none); the final adapter always goes to output.dir."""
     log_every: int = 1
     """Write a metrics line every this many steps."""
     keep_last: int = 3

@@ -165,10 +165,14 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
     if config.dpo.precompute_reference and use_reference:
         cache_dir = Path(config.dpo.reference_cache_dir).expanduser()
         for split, pairs in (("train", data.train), ("eval", data.eval)):
-            if pairs:
+            if not pairs:
+                continue
+            try:
                 reference_tables[split] = reference_logps_for(
                     model, pairs, config.model, compute_dtype, pad_id, cache_dir, micro_batch_size,
                     config.data.layout, chunk, config.data.pack_length)
+            except torch.OutOfMemoryError as exc:
+                raise _out_of_memory(config, f"precomputing the {split} reference log-probs", pairs) from exc
     if resume_from is not None:
         remove_partial_writes(out)
         trainer_state = restore_checkpoint(resume_from, model, optimizer, scheduler, scaler, metrics_path)
@@ -272,7 +276,7 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
             try:
                 metrics, applied, bad = optimizer_step(micro_batches)
             except torch.OutOfMemoryError as exc:
-                raise _out_of_memory(config, step, [data.train[i] for b in micro_batches for i in b]) from exc
+                raise _out_of_memory(config, f"at step {step}", [data.train[i] for b in micro_batches for i in b]) from exc
             trainer_state["batches_consumed"] += len(micro_batches)
             trainer_state["pairs_consumed"] += sum(len(b) for b in micro_batches)
             if not applied:
@@ -304,7 +308,10 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
                     "Fix: lower train.learning_rate, check the data, or use model.compute_dtype=bfloat16 instead of float16")
             last = step == total_steps
             if data.eval and ((config.train.eval_every and step % config.train.eval_every == 0) or last):
-                final_eval = {"step": step, "split": "eval", **evaluate()}
+                try:
+                    final_eval = {"step": step, "split": "eval", **evaluate()}
+                except torch.OutOfMemoryError as exc:
+                    raise _out_of_memory(config, f"evaluating at step {step}", data.eval) from exc
                 trainer_state["last_eval"] = final_eval
                 _write(metrics_file, final_eval)
                 bar.write(f"eval step {step}: loss {final_eval['loss']:.4f} accuracy {final_eval['rewards/accuracy']:.3f} "
@@ -364,12 +371,12 @@ class _StopRequest:
                     self.requested)
 
 
-def _out_of_memory(config: Config, step: int, pairs: list[TokenizedPair]) -> LoraDpoError:
-    longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+def _out_of_memory(config: Config, when: str, pairs: list[TokenizedPair]) -> LoraDpoError:
+    longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=0)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return LoraDpoError(
-        f"out of GPU memory at step {step} with train.micro_batch_size={config.train.micro_batch_size} "
+        f"out of GPU memory {when} with train.micro_batch_size={config.train.micro_batch_size} "
         f"(longest sequence {longest} tokens, data.max_length={config.data.max_length}). Fix: lower "
         "train.micro_batch_size (raise train.gradient_accumulation_steps to keep the pairs per step), lower "
         "data.max_length or dpo.logps_chunk_size, keep model.gradient_checkpointing on; --debug shows the traceback")
