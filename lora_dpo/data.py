@@ -77,7 +77,6 @@ class DataReport:
 class PreferenceData:
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
-    eval_examples: list[PreferenceExample]
     reports: list[DataReport] = field(default_factory=list)
 
 
@@ -418,7 +417,7 @@ def tokenize_preference_data(splits: ExampleSplits, data_config: Any, tokenizer:
     if splits.has_eval:
         evaluation = tokenize_examples(splits.eval, tokenizer, data_config.max_length,
                                        data_config.max_prompt_length, splits.reports[1])
-    return PreferenceData(train, evaluation, splits.eval, splits.reports)
+    return PreferenceData(train, evaluation, splits.reports)
 
 
 def load_preference_data(data_config: Any, tokenizer: Any, seed: int) -> PreferenceData:
