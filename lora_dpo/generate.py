@@ -90,8 +90,8 @@ def load_generator(path: str, base: Optional[str], device_name: str, dtype_name:
         source = inspect_adapter(path, base)
         dtype = DTYPES[dtype_name] if dtype_name != "auto" else resolve_compute_dtype(source.model, device)
         four_bit = source.model.load_in_4bit
+        tokenizer = load_adapter_tokenizer(source)  # first: seconds to fail, where the model takes minutes
         model = apply_adapter(load_base(source.model, device, dtype, four_bit=four_bit), source)
-        tokenizer = load_adapter_tokenizer(source)
         what = f"{'4-bit' if four_bit else '16-bit'} {source.model.name_or_path} + adapter {path}"
         return Generator(model, tokenizer, device, True, what)
     check_finished_run(Path(path))  # an interrupted training run: name its checkpoint, not "a model directory"

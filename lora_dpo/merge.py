@@ -31,7 +31,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .batching import collate, pair_logps
-from .checkpoint import CHECKPOINT_PREFIX, checkpoint_step, complete_checkpoints
+from .checkpoint import complete_checkpoints
 from .config import Config, DataConfig, ModelConfig, load_config
 from .data import DataReport, TokenizedPair, load_examples, load_preference_data, tokenize_examples
 from .errors import DataError, LoraDpoError
@@ -45,8 +45,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 BASE_WEIGHTS = ("original", "dequantized")
 DEFAULT_VERIFY_PAIRS = 16
 # Mean |log-prob difference| per response token above which the merged model is reported as not
-# behaving like the trained one. Measured on the demo model: bfloat16 rounding alone costs about
-# 0.0004 nats/token, merging a 4-bit-trained adapter into the original weights about 0.012.
+# behaving like the trained one. Measured on the tiny demo model (CPU): saving the exact
+# (dequantized) merge in bfloat16 costs about 0.0017 nats/token, merging a 4-bit-trained adapter
+# into the original weights about 0.016 (docs/merge.md).
 DEFAULT_MAX_LOGP_DIFF = 0.01
 
 
@@ -109,20 +110,20 @@ def check_finished_run(directory: Path) -> None:
     """Refuse a training run that stopped early with a message naming the checkpoint to use instead.
 
     Training writes the adapter to the top of output.dir only when it finishes; an interrupted run
-    holds config.yaml and checkpoint-STEP directories, each with an adapter of its own.
+    holds config.yaml (written before the first step) and checkpoint-STEP directories, each with an
+    adapter of its own. A model directory (config.json) is never one, even with checkpoint-STEP
+    directories of its own, as transformers' Trainer leaves them.
     """
-    if not directory.is_dir():
+    if not (directory / TRAINING_CONFIG).is_file() or (directory / "config.json").is_file():
         return
     complete = complete_checkpoints(directory)
     if complete:
         raise LoraDpoError(f"{directory}: the run did not finish (no adapter_config.json at the top, only "
                            f"checkpoints). Fix: use {complete[-1]}, the newest complete checkpoint, or finish the "
                            "run with lora-dpo train CONFIG --resume")
-    started = any(checkpoint_step(path) is not None for path in directory.glob(f"{CHECKPOINT_PREFIX}*"))
-    if started or (directory / TRAINING_CONFIG).is_file():
-        raise LoraDpoError(f"{directory}: the run did not finish and saved no complete checkpoint (none holds "
-                           "trainer_state.json), so it has no adapter yet. Fix: train it again with "
-                           "lora-dpo train CONFIG --overwrite")
+    raise LoraDpoError(f"{directory}: the run did not finish and saved no complete checkpoint (none holds "
+                       "trainer_state.json), so it has no adapter yet. Fix: train it again with "
+                       "lora-dpo train CONFIG --overwrite")
 
 
 def _read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:

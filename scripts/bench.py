@@ -7,9 +7,10 @@ shared/bench/REFERENCE.md (or a tiny one for a CPU smoke run), saved once with s
 synthetic pairs of the reference lengths. Then, for every configuration asked for, it times
 steady-state optimizer steps:
 
-- lora-dpo: the training loop's step built from the same parts (``load_model``, ``collate`` with
-  the chosen layout, the reference pass or a precomputed ``ReferenceTable``, the policy pass,
-  ``sigmoid_dpo_loss``, backward, gradient clipping, optimizer step);
+- lora-dpo: ``lora_dpo_step``, the training loop's step for one micro-batch rebuilt from the same
+  parts (``load_model``, ``collate`` with the chosen layout, the eval-mode reference pass or a
+  precomputed ``ReferenceTable``, the policy pass, ``preference_loss``, backward, gradient
+  clipping, optimizer step), without the loop's scheduler, metrics and non-finite-step handling;
 - TRL (when ``import trl`` works, the ``bench`` extra): ``DPOTrainer`` with peft LoRA on the same
   4-bit base, the same pairs in the same order, reference computed every step or precomputed.
 
@@ -41,10 +42,11 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from lora_dpo.batching import LAYOUTS, collate, pair_logps  # noqa: E402
+from lora_dpo.batching import LAYOUTS, PairLogps, collate, pair_logps  # noqa: E402
 from lora_dpo.config import load_config  # noqa: E402
 from lora_dpo.data import DataReport, PreferenceExample, TokenizedPair, tokenize_examples  # noqa: E402
-from lora_dpo.losses import sigmoid_dpo_loss  # noqa: E402
+from lora_dpo.errors import LoraDpoError  # noqa: E402
+from lora_dpo.losses import preference_loss  # noqa: E402
 from lora_dpo.modeling import (  # noqa: E402
     load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device, trainable_parameters,
 )
@@ -226,14 +228,50 @@ def lora_dpo_config(args: argparse.Namespace, shape: Shape, model_dir: Path, wor
     ])
 
 
+def lora_dpo_step(model: Any, config: Any, optimizer: Any, scaler: Any, autocast: Any, batch: Any,
+                  reference: PairLogps | None) -> torch.Tensor:
+    """One optimizer step of one micro-batch, as lora_dpo.train's dpo_forward and optimizer_step run
+    it: the on-demand reference pass in eval mode, the policy pass, ``preference_loss``, backward,
+    gradient clipping (its norm read back to the host, as the loop reads it) and the optimizer step.
+
+    Left out, because the bench does not need them: the scheduler step (the bench's learning rate
+    stays constant), the per-pair metrics the loop reads back to the host (seven small reads per
+    micro-batch), and the loop's skipping of a step with a non-finite loss or gradient (the bench
+    stops on a non-finite loss instead). Returns the detached loss.
+    """
+    chunk = config.dpo.logps_chunk_size
+    if reference is None:
+        # Eval mode, as in the loop: no dropout and no checkpointing wrappers in a pass that keeps
+        # no activations; timing it in train mode would count work the loop does not do.
+        model.eval()
+        with torch.no_grad(), reference_model(model), autocast:
+            reference = pair_logps(model, batch, chunk)
+        model.train()
+    with autocast:
+        policy = pair_logps(model, batch, chunk)
+    loss = preference_loss(config.dpo, policy, reference).losses.mean()
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # The loop reads the norm back to decide whether to apply the step: a host sync the bench pays too.
+    float(torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm or float("inf")))
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def run_lora_dpo(args: argparse.Namespace, shape: Shape, model_dir: Path, pairs: list[TokenizedPair],
-                 work: Path) -> list[dict[str, Any]]:
+                 work: Path, device: torch.device) -> list[dict[str, Any]]:
     """Every (layout, reference mode) asked for, on one loaded model; each configuration gets a
     fresh optimizer and a fresh peak-memory count."""
     from lora_dpo.train import build_optimizer  # the training loop's own optimizer construction
 
     config = lora_dpo_config(args, shape, model_dir, work)
-    device = resolve_device(config.model.device)
     compute_dtype = resolve_compute_dtype(config.model, device)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config, device)
@@ -252,7 +290,6 @@ def run_lora_dpo(args: argparse.Namespace, shape: Shape, model_dir: Path, pairs:
                     if name in initial:
                         param.copy_(initial[name])
             optimizer = build_optimizer(config, trainable_parameters(model), device)
-            params = [p for group in optimizer.param_groups for p in group["params"]]
             reset_memory(device)
             prep_started = time.perf_counter()
             table = None
@@ -268,26 +305,8 @@ def run_lora_dpo(args: argparse.Namespace, shape: Shape, model_dir: Path, pairs:
                 indices = list(range(step * mb, (step + 1) * mb))
                 batch = collate([pairs[i] for i in indices], tokenizer.pad_token_id, layout=layout,
                                 pack_length=args.pack_length).to(device)
-                if table is not None:
-                    reference = table.lookup(indices, device)
-                else:
-                    with torch.no_grad(), reference_model(model), autocast:
-                        reference = pair_logps(model, batch, chunk)
-                with autocast:
-                    policy = pair_logps(model, batch, chunk)
-                result = sigmoid_dpo_loss(policy.chosen, policy.rejected, reference.chosen, reference.rejected,
-                                          beta=config.dpo.beta)
-                loss = result.losses.mean()
-                (scaler.scale(loss) if scaler else loss).backward()
-                if scaler:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                reference = table.lookup(indices, device) if table is not None else None
+                loss = lora_dpo_step(model, config, optimizer, scaler, autocast, batch, reference)
                 synchronize(device)
                 ends.append(time.perf_counter())
                 step_tokens.append(batch.num_tokens)
@@ -302,7 +321,7 @@ def run_lora_dpo(args: argparse.Namespace, shape: Shape, model_dir: Path, pairs:
             })
             print(f"  lora-dpo {layout:<21} {reference_mode:<11} {results[-1]['s_per_step']:.3f} s/step",
                   file=sys.stderr, flush=True)
-            del optimizer, params, table
+            del optimizer, table
     del model, initial
     reset_memory(device)
     return results
@@ -321,7 +340,7 @@ def trl_available() -> bool:
 
 
 def run_trl(args: argparse.Namespace, shape: Shape, model_dir: Path, rows: list[dict[str, str]],
-            pairs: list[TokenizedPair], work: Path) -> list[dict[str, Any]]:
+            pairs: list[TokenizedPair], work: Path, device: torch.device) -> list[dict[str, Any]]:
     """TRL's DPOTrainer with peft LoRA (r=16, all-linear) on the same 4-bit base and pairs; the
     reference is the base with adapters disabled, every step or precomputed at trainer creation."""
     import datasets
@@ -333,7 +352,6 @@ def run_trl(args: argparse.Namespace, shape: Shape, model_dir: Path, rows: list[
     from lora_dpo.modeling import keep_cpu_4bit_trainable
 
     datasets.disable_progress_bars()
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     compute_dtype = torch.bfloat16 if bf16 else torch.float32
     config_fields = {f.name for f in dataclasses.fields(DPOConfig)}
@@ -453,12 +471,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="model shape (tiny: CPU smoke, no timing claims)")
     parser.add_argument("--long-rows", action="store_true",
                         help="prompt and responses ~U(768,1024), max_length 2048, micro-batch 1")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1)")
-    parser.add_argument("--micro-batch", type=int, default=None, help="pairs per step (default: 4 for 1b, 2 for 8b)")
+    parser.add_argument("--steps", type=at_least(1), default=10, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=at_least(1), default=3,
+                        help="untimed steps first (at least 1: the first timed interval starts at the end of warm-up)")
+    parser.add_argument("--micro-batch", type=at_least(1), default=None,
+                        help="pairs per step (default: 4 for 1b, 2 for 8b)")
     parser.add_argument("--layouts", default="padded,prefix_shared,packed_prefix_shared",
                         help=f"comma-separated lora-dpo batch layouts ({', '.join(LAYOUTS)})")
-    parser.add_argument("--pack-length", type=int, default=None,
+    parser.add_argument("--pack-length", type=at_least(1), default=None,
                         help="row width of the packed layouts (default: the longest sequence of each micro-batch)")
     parser.add_argument("--reference", default="every_step,precomputed",
                         help="comma-separated reference modes: every_step, precomputed")
@@ -480,9 +500,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in args.reference:
         if name not in REFERENCE_MODES:
             parser.error(f"--reference: unknown mode {name!r}; choose from {', '.join(REFERENCE_MODES)}")
-    if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be at least 1 (the first timed interval starts at the end of warm-up)")
     return args
+
+
+def at_least(minimum: int) -> Any:
+    """An argparse type: an integer >= ``minimum``, refused at parsing (exit 2) rather than after the
+    model is built."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def quiet_libraries() -> None:
@@ -500,11 +534,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries()
     shape = long_rows(SHAPES[args.shape]) if args.long_rows else SHAPES[args.shape]
-    if args.micro_batch:
+    if args.micro_batch is not None:
         shape = dataclasses.replace(shape, micro_batch=args.micro_batch)
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and device.type != "cuda":
-        print("bench: --device cuda but no CUDA GPU is visible", file=sys.stderr)
+    try:
+        device = resolve_device(args.device, "--device")
+    except LoraDpoError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
         return 2
     run_trl_too = not args.skip_trl and trl_available()
     model_dir = build_model_dir(args.shape, shape, args.model_root or default_model_root())
@@ -519,9 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lora-dpo-bench-") as scratch:
         work = Path(scratch)
         if not args.skip_lora_dpo:
-            results += run_lora_dpo(args, shape, model_dir, pairs, work)
+            results += run_lora_dpo(args, shape, model_dir, pairs, work, device)
         if run_trl_too:
-            results += run_trl(args, shape, model_dir, rows, pairs, work)
+            results += run_trl(args, shape, model_dir, rows, pairs, work, device)
     add_ratios(results)
     mean_tokens = sum(p.num_tokens for p in pairs) / len(pairs)
     print(f"\n{args.shape}{' (long rows)' if args.long_rows else ''}, {info['device']}, {info['date']}; "

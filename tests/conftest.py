@@ -68,6 +68,8 @@ def make_config(model_dir: Path, train_file: Path, out_dir: Path, *overrides: st
         "train.optim=adamw",
         "train.learning_rate=1e-3",
     ]
+    if any(o.startswith("model.init_adapter=") and o != "model.init_adapter=null" for o in overrides):
+        base = [b for b in base if not b.startswith("lora.")]  # the adapter's own config decides its shape
     return load_config(None, base + list(overrides))
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -73,7 +74,81 @@ def test_bad_arguments_exit_with_usage_error(tmp_path):
     assert result.returncode == 2
     assert "--layouts: unknown layout 'zigzag'" in result.stderr
     result = _run("--shape", "tiny", "--warmup", "0", tmp_path=tmp_path)
-    assert result.returncode == 2 and "--warmup must be at least 1" in result.stderr
+    assert result.returncode == 2 and "argument --warmup: must be at least 1, got 0" in result.stderr
+    assert not (tmp_path / "lora-dpo-bench-tiny").exists()  # refused before any model is built
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--micro-batch", "0", "must be at least 1, got 0"),  # 0 used to fall back silently to the shape's default
+    ("--micro-batch", "-2", "must be at least 1, got -2"),
+    ("--pack-length", "0", "must be at least 1, got 0"),
+    ("--pack-length", "-64", "must be at least 1, got -64"),
+    ("--steps", "0", "must be at least 1, got 0"),
+    ("--warmup", "-1", "must be at least 1, got -1"),
+    ("--micro-batch", "two", "'two' is not an integer"),
+])
+def test_numeric_flags_are_checked_while_parsing(bench, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse_args(["--shape", "tiny", flag, value])
+    assert stopped.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_valid_numeric_flags_pass_through(bench):
+    args = bench.parse_args(["--micro-batch", "1", "--pack-length", "128", "--steps", "1", "--warmup", "1"])
+    assert (args.micro_batch, args.pack_length, args.steps, args.warmup) == (1, 128, 1, 1)
+    assert bench.parse_args([]).micro_batch is None  # the shape's own micro-batch
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_is_refused_by_resolve_device(bench, tmp_path, capsys):
+    assert bench.main(["--shape", "tiny", "--device", "cuda", "--skip-trl", "--model-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "bench: --device is cuda but no CUDA GPU is visible. Fix: set --device to cpu or auto" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_step_runs_the_reference_in_eval_mode_like_the_training_loop(bench, llama_dir, tmp_path):
+    """lora_dpo.train.dpo_forward runs the on-demand reference pass under model.eval() + no_grad and
+    goes back to train mode for the policy pass; the bench must time the same passes."""
+    from lora_dpo.batching import collate, decoder_and_head
+    from lora_dpo.modeling import load_model, load_tokenizer, trainable_parameters
+
+    args = bench.parse_args(["--shape", "tiny", "--device", "cpu", "--optim", "adamw"])
+    shape = bench.SHAPES["tiny"]
+    config = bench.lora_dpo_config(args, shape, llama_dir, tmp_path)
+    assert config.model.load_in_4bit and config.model.gradient_checkpointing and config.lora.dropout > 0
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config, torch.device("cpu"))
+    model.train()
+    pairs = bench.tokenize_rows(bench.make_rows(shape, 2, seed=1), tokenizer, shape)
+    batch = collate(pairs, tokenizer.pad_token_id)
+    autocast = torch.autocast("cpu", enabled=False)
+    passes = []
+    decoder, _ = decoder_and_head(model)  # what pair_logps calls
+    decoder.register_forward_pre_hook(lambda module, inputs: passes.append((module.training, torch.is_grad_enabled())))
+
+    params = trainable_parameters(model)
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    config.train.max_grad_norm = 1e-3
+    loss = bench.lora_dpo_step(model, config, optimizer, None, autocast, batch, reference=None)
+    assert passes == [(False, False), (True, True)]  # reference: eval, no grad; policy: train, grad
+    assert model.training
+    # LoRA B starts at zero, so policy = reference and the loss is ln 2: the reference pass
+    # really was the adapter-free model, with the same pairs.
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-5)
+    # SGD with lr 1 moves the weights by exactly the clipped gradient: clipping happened.
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params, before)))
+    assert 0 < float(moved) <= 1e-3 * (1 + 1e-4)
+    assert all(p.grad is None for p in params)  # zero_grad(set_to_none=True), as the loop does
+
+    passes.clear()
+    with torch.no_grad(), autocast:
+        reference = bench.pair_logps(model, batch, config.dpo.logps_chunk_size)
+    passes.clear()
+    bench.lora_dpo_step(model, config, optimizer, None, autocast, batch, reference=reference)
+    assert passes == [(True, True)]  # a looked-up reference: the policy pass only
 
 
 def test_ratios_pair_each_mode_with_trl_of_the_same_mode(bench):

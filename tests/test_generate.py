@@ -4,6 +4,7 @@ the adapter's answers, prompts are rendered as training rendered them, and sampl
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -133,3 +134,55 @@ def test_user_mistakes(merged_dir, llama_dir, tmp_path, capsys):
     for extra, message in cases:
         assert main(["generate", str(merged_dir), *extra]) == 2, extra
         assert message in capsys.readouterr().err
+
+
+def test_output_that_is_a_directory_is_refused_before_loading(merged_dir, tmp_path, monkeypatch, capsys):
+    from lora_dpo import generate
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(generate, "load_generator", no_loading)
+    assert main(["generate", str(merged_dir), "--prompt", "Hi", "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"lora-dpo: error: --output {tmp_path} is a directory. "
+                                               f"Fix: give a file path, e.g. {tmp_path / 'answers.jsonl'}")
+
+
+def test_errors_are_one_line_and_name_generates_fix(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["generate", str(empty), "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1  # transformers' own error here spans five lines
+    assert f"{empty}: cannot load the tokenizer from this directory (Couldn't instantiate" in err
+    assert err.endswith("Fix: point at a model directory, a merged model, or an adapter directory")
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"caf\xe9\n")  # Latin-1
+    assert main(["generate", str(empty), "--prompts", str(prompts)]) == 2
+    assert f"{prompts}: not UTF-8 text (byte 3). Fix: re-save the file as UTF-8" in capsys.readouterr().err
+
+
+def test_interrupted_run_names_its_checkpoint(adapter_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    shutil.copy(adapter_dir / "config.yaml", run / "config.yaml")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(adapter_dir / name, checkpoint / name)
+    (checkpoint / "trainer_state.json").write_text('{"step": 5}')
+    assert main(["generate", str(run), "--prompt", "Hi"]) == 2
+    assert f"{run}: the run did not finish" in capsys.readouterr().err
+    assert main(["generate", str(checkpoint), "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert f"+ adapter {checkpoint}" in capsys.readouterr().out
+
+
+def test_model_directory_with_trainer_checkpoints_is_a_model(merged_dir, adapter_dir, tmp_path, capsys):
+    """transformers' Trainer leaves checkpoint-STEP/trainer_state.json next to a finished model too."""
+    model = tmp_path / "model"
+    shutil.copytree(merged_dir, model)
+    shutil.copy(adapter_dir / "config.yaml", model / "config.yaml")
+    (model / "checkpoint-5").mkdir()
+    (model / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    assert main(["generate", str(model), "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert f"# {model}" in capsys.readouterr().out

@@ -277,3 +277,86 @@ def test_a_failure_leaves_no_partial_output(run16, tmp_path, monkeypatch):
         merge.merge_adapter(run16, out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]  # the old --out survives a failed merge
     assert partial_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("size, problem", [("lots", "not a size"), ("5GiB", "not a size"), ("infGB", "not a size"),
+                                           ("0GB", "must be positive"), ("-1MB", "must be positive")])
+def test_bad_max_shard_size_fails_before_anything_loads(run16, tmp_path, monkeypatch, capsys, size, problem):
+    from lora_dpo import merge
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --max-shard-size was checked")
+
+    monkeypatch.setattr(merge, "load_base", no_loading)
+    out = tmp_path / "merged"
+    assert main(["merge", str(run16), "--out", str(out), f"--max-shard-size={size}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"lora-dpo: error: --max-shard-size {size!r}: {problem}. Fix: give a positive number with a unit, "
+                   "e.g. 2GB or 500MB (units: TB, GB, MB, KB)")
+    assert not out.exists() and partial_dirs(tmp_path) == []
+
+
+def test_shard_sizes_save_pretrained_accepts_pass():
+    from lora_dpo.merge import check_shard_size
+
+    for size in ("5GB", "1.5GB", " 500MB ", "100kb", "1TB", 1_000_000):
+        check_shard_size(size)
+
+
+def interrupted_copy(run, destination):
+    """``run`` as a killed run leaves it: config.yaml and checkpoints, no adapter or tokenizer at the top."""
+    shutil.copytree(run, destination, ignore=shutil.ignore_patterns("adapter_*", "tokenizer*", "chat_template.jinja",
+                                                                     "summary.json", "README.md"))
+    # checkpoint-10 is the newest complete one (numerically, not by name); checkpoint-12 was cut off
+    # before its trainer_state.json was written.
+    shutil.copytree(destination / "checkpoint-2", destination / "checkpoint-10")
+    shutil.copytree(destination / "checkpoint-2", destination / "checkpoint-12")
+    (destination / "checkpoint-12" / "trainer_state.json").unlink()
+    return destination
+
+
+def test_interrupted_run_names_its_newest_complete_checkpoint(run16, tmp_path, capsys):
+    run = interrupted_copy(run16, tmp_path / "run")
+    assert not (run / "adapter_config.json").exists() and (run / "config.yaml").is_file()
+    for command in (["merge", str(run), "--out", str(tmp_path / "merged")], ["generate", str(run), "--prompt", "Hi"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"{run}: the run did not finish" in err and f"Fix: use {run / 'checkpoint-10'}, the newest" in err
+        assert "output.dir of a training run" not in err
+    assert not (tmp_path / "merged").exists()
+
+    for checkpoint in run.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 2
+    assert "the run did not finish and saved no complete checkpoint" in capsys.readouterr().err
+
+
+def test_tokenizer_that_does_not_load_is_one_line_naming_the_flag(run16, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(run16 / name, bare / name)
+    empty_base = tmp_path / "empty-base"
+    empty_base.mkdir()
+    # --dtype float32: nothing reads the base's config.json before the tokenizer is loaded.
+    assert main(["merge", str(bare), "--out", str(tmp_path / "merged"), "--base", str(empty_base),
+                 "--dtype", "float32", "--no-verify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1  # transformers' own error here spans five lines
+    assert f"{empty_base}: cannot load the tokenizer from this directory (Couldn't instantiate" in err
+    assert err.endswith("Fix: pass --base with the local directory or hub id of the model the adapter was trained on")
+    assert "model.name_or_path" not in err  # a config key, not a flag of this command
+
+
+def test_multi_line_messages_from_other_modules_print_as_one_line(run16, tmp_path, monkeypatch, capsys):
+    from lora_dpo import merge
+    from lora_dpo.errors import DataError
+
+    def unreadable(*args, **kwargs):
+        raise DataError("pairs.parquet: cannot read parquet (first line\n  second line\n). Fix: check the file")
+
+    monkeypatch.setattr(merge, "verification_pairs", unreadable)
+    assert main(["merge", str(run16), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert err == "lora-dpo: error: pairs.parquet: cannot read parquet (first line second line ). Fix: check the file\n"

@@ -120,8 +120,8 @@ def test_init_adapter_is_start_and_reference(llama_dir, train_file, tokenizer, d
                 param.normal_(std=0.1)
     sft.save_pretrained(sft_dir)
 
-    model = load_model(make_config(llama_dir, train_file, tmp_path / "out", f"model.init_adapter={sft_dir}",
-                                   "lora.r=16", "lora.dropout=0.05"), torch.device("cpu"))
+    model = load_model(make_config(llama_dir, train_file, tmp_path / "out", f"model.init_adapter={sft_dir}"),
+                       torch.device("cpu"))
     batch = collate(pairs_for(tokenizer, demo_rows[:4]), tokenizer.pad_token_id)
     with torch.no_grad():
         with reference_model(model):
@@ -136,8 +136,8 @@ def test_init_adapter_is_start_and_reference(llama_dir, train_file, tokenizer, d
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".reference." in n)
 
     with pytest.raises(Exception, match="holds no adapter_config.json"):
-        load_model(make_config(llama_dir, train_file, tmp_path / "o", f"model.init_adapter={tmp_path}", "lora.r=16",
-                               "lora.dropout=0.05"), torch.device("cpu"))
+        load_model(make_config(llama_dir, train_file, tmp_path / "o", f"model.init_adapter={tmp_path}"),
+                   torch.device("cpu"))
 
 
 def test_sixteen_bit_base_also_trains(llama_dir, train_file, tmp_path):
@@ -160,12 +160,12 @@ def test_model_loading_mistakes_are_config_errors(llama_dir, qwen_dir, train_fil
     other = build_demo_base(tmp_path / "other", hidden_size=128, layers=2)
     get_peft_model(load_plain_4bit(other), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(wide)
     with pytest.raises(ConfigError, match="model.init_adapter: .* does not fit"):
-        load_model(make_config(llama_dir, train_file, tmp_path / "o", f"model.init_adapter={wide}",
-                               "lora.r=16", "lora.dropout=0.05"), torch.device("cpu"))
+        load_model(make_config(llama_dir, train_file, tmp_path / "o", f"model.init_adapter={wide}"),
+                   torch.device("cpu"))
 
 
 def test_lora_settings_are_rejected_beside_init_adapter(llama_dir, train_file, tmp_path):
     from lora_dpo.errors import ConfigError
 
     with pytest.raises(ConfigError, match="lora.r cannot be set with model.init_adapter"):
-        make_config(llama_dir, train_file, tmp_path / "o", "model.init_adapter=x")  # make_config sets lora.r=8
+        make_config(llama_dir, train_file, tmp_path / "o", "lora.r=8", "model.init_adapter=x")
