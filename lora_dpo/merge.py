@@ -35,7 +35,8 @@ from .checkpoint import complete_checkpoints
 from .config import Config, DataConfig, ModelConfig, load_config
 from .data import DataReport, TokenizedPair, load_examples, load_preference_data, tokenize_examples
 from .errors import DataError, LoraDpoError
-from .modeling import four_bit_config, keep_cpu_4bit_trainable, load_tokenizer, resolve_compute_dtype, resolve_device
+from .modeling import (autocast_for, four_bit_config, keep_cpu_4bit_trainable, load_tokenizer, resolve_compute_dtype,
+                       resolve_device)
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +352,7 @@ def verification_pairs(source: AdapterSource, tokenizer: Any, verify_data: str |
 def score_pairs(model: Any, pairs: list[TokenizedPair], pad_token_id: int, device: torch.device,
                 compute_dtype: torch.dtype, micro_batch_size: int, chunk_size: int) -> torch.Tensor:
     """(4, pairs): chosen log-prob, rejected log-prob, chosen tokens, rejected tokens."""
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    autocast = autocast_for(device, compute_dtype)
     columns = []
     with torch.no_grad(), autocast:
         for start in range(0, len(pairs), micro_batch_size):

@@ -40,6 +40,11 @@ def resolve_compute_dtype(model_config: ModelConfig, device: torch.device) -> to
     return torch.float32  # CPU half-precision matmuls are slow and imprecise
 
 
+def autocast_for(device: torch.device, compute_dtype: torch.dtype) -> torch.autocast:
+    """Mixed precision in the compute dtype; float32 runs without autocast."""
+    return torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+
+
 def load_tokenizer(model_config: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 

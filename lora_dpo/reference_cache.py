@@ -34,7 +34,7 @@ import torch
 from .batching import PairLogps, collate, layout_length, pair_logps
 from .data import TokenizedPair
 from .errors import LoraDpoError
-from .modeling import reference_model
+from .modeling import autocast_for, reference_model
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def compute_reference_logps(model: Any, pairs: Sequence[TokenizedPair], pad_toke
     if micro_batch_size < 1:
         raise ValueError("micro_batch_size must be positive")
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    autocast = autocast_for(device, compute_dtype)
     count = len(pairs)
     chosen, rejected = torch.zeros(count, dtype=torch.float32), torch.zeros(count, dtype=torch.float32)
     chosen_tokens, rejected_tokens = torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.long)

@@ -31,7 +31,8 @@ from .config import Config, load_config, save_config
 from .data import TokenizedPair, read_preference_examples, tokenize_preference_data
 from .errors import Interrupted, LoraDpoError
 from .losses import needs_reference, preference_loss, reward_definition
-from .modeling import load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device, save_adapter, trainable_parameters
+from .modeling import (autocast_for, load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device,
+                       save_adapter, trainable_parameters)
 from .reference_cache import ReferenceTable, reference_logps_for
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         log.info("data %s", report.summary())
     model = load_model(config, device)
     compute_dtype = resolve_compute_dtype(config.model, device)
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    autocast = autocast_for(device, compute_dtype)
     # float16 gradients of small LoRA updates underflow without loss scaling; bfloat16 needs none.
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
 

@@ -48,7 +48,8 @@ from lora_dpo.data import DataReport, PreferenceExample, TokenizedPair, tokenize
 from lora_dpo.errors import LoraDpoError  # noqa: E402
 from lora_dpo.losses import preference_loss  # noqa: E402
 from lora_dpo.modeling import (  # noqa: E402
-    load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device, trainable_parameters,
+    autocast_for, load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device,
+    trainable_parameters,
 )
 from lora_dpo.reference_cache import reference_logps_for  # noqa: E402
 
@@ -276,7 +277,7 @@ def run_lora_dpo(args: argparse.Namespace, shape: Shape, model_dir: Path, pairs:
     tokenizer = load_tokenizer(config.model)
     model = load_model(config, device)
     model.train()
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    autocast = autocast_for(device, compute_dtype)
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
     mb, chunk = shape.micro_batch, config.dpo.logps_chunk_size
     # Every configuration starts from the same adapter; the copy waits on the CPU so that it does
