@@ -99,15 +99,17 @@ def test_sigkill_then_resume_gives_the_same_run_to_the_bit(run_config, uninterru
     assert not list(out.glob(".tmp-*"))
 
 
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(run_config, uninterrupted, tmp_path):
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_a_checkpoint_and_says_how_to_resume(sent, run_config, uninterrupted, tmp_path):
     out = tmp_path / "run"
     process = start(run_config, out)
     wait_for(lambda: (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2, process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sent)
     code, _, err = finish(process)
-    assert code == 128 + signal.SIGTERM
-    assert "stopped by SIGTERM after step" in err and "--resume" in err and "Traceback" not in err
-    step = int(err.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert code == 128 + sent
+    name = signal.Signals(sent).name
+    assert f"stopped by {name} after step" in err and "--resume" in err and "Traceback" not in err
+    step = int(err.split(f"stopped by {name} after step ")[1].split(";")[0])
     assert (out / f"checkpoint-{step}" / "trainer_state.json").exists()
     assert not (out / "summary.json").exists()
 
