@@ -190,6 +190,7 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, s
         if unexpected:
             raise RuntimeError(f"unexpected adapter weights such as {unexpected[0]}")
         optimizer.load_state_dict(load_state(path, "optimizer"))
+        _repage(optimizer)
         loop = load_state(path, "loop")
         scheduler.load_state_dict(loop["scheduler"])
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
@@ -204,6 +205,25 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, s
         metrics_path.write_text("", encoding="utf-8")
     set_rng_state(loop["rng"])
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def _repage(optimizer: Any) -> None:
+    """Put a loaded bitsandbytes paged optimizer's moment buffers back into paged memory.
+
+    load_state_dict leaves them as ordinary tensors, which bitsandbytes then moves to the GPU as
+    is: the run works, but the state can no longer be paged out to CPU memory under pressure —
+    the point of the paged optimizer on an 8 GB card. get_state_buffer is how bitsandbytes
+    allocates them in the first place (paged for large parameters on CUDA, plain elsewhere).
+    """
+    if not getattr(optimizer, "is_paged", False):
+        return
+    for param, state in optimizer.state.items():
+        for key in ("state1", "state2"):
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and not getattr(value, "is_paged", False):
+                buffer = optimizer.get_state_buffer(param, dtype=value.dtype)
+                buffer.copy_(value.reshape(buffer.shape))
+                state[key] = buffer
 
 
 def _fsync_path(path: Path) -> None:
