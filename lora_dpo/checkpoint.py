@@ -181,7 +181,8 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, s
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from .modeling import TRAINED_ADAPTER, one_line
+    from .errors import one_line
+    from .modeling import TRAINED_ADAPTER
 
     try:
         adapter = load_file(str(path / "adapter_model.safetensors"))

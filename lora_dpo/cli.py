@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import Interrupted, LoraDpoError
+from .errors import Interrupted, LoraDpoError, joined
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO_PRETRAIN_STEPS = 300
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     except LoraDpoError as exc:
         if args.debug:
             raise
-        print(f"lora-dpo: error: {exc}", file=sys.stderr)
+        # Messages built around a library's multi-line text still print as the one promised line.
+        print(f"lora-dpo: error: {joined(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lora-dpo: interrupted", file=sys.stderr)

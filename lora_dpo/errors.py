@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The most telling line of a library error, short enough for a one-line message: the first
+    line naming a mismatch or a missing file, else all lines joined."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    telling = [line for line in lines if "mismatch" in line or "not found" in line]
+    text = telling[0] if telling else " ".join(lines) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def joined(message: str) -> str:
+    """A message built around a library's multi-line text, as the one line the CLI promises."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 class LoraDpoError(Exception):
     """A mistake in the user's config, data or environment, with a message that says what to do."""
 

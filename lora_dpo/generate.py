@@ -22,12 +22,9 @@ import torch
 
 from .config import ModelConfig
 from .data import RowError, Text, check_text_field, read_rows
-from .errors import DataError, LoraDpoError
-from .merge import (
-    DTYPES, _one_line, apply_adapter, check_finished_run, inspect_adapter, load_adapter_tokenizer, load_base,
-    load_tokenizer_from, one_line_errors,
-)
-from .modeling import resolve_compute_dtype, resolve_device
+from .errors import DataError, LoraDpoError, one_line
+from .merge import DTYPES, apply_adapter, check_finished_run, inspect_adapter, load_adapter_tokenizer, load_base
+from .modeling import load_tokenizer, resolve_compute_dtype, resolve_device
 
 SIDE_BY_SIDE_MIN_WIDTH = 80
 
@@ -99,12 +96,12 @@ def load_generator(path: str, base: Optional[str], device_name: str, dtype_name:
         raise LoraDpoError(f"--base applies to adapter directories, and {path} holds no adapter_config.json. "
                            "Fix: drop --base, or point at an adapter directory")
     fix = "point at a model directory, a merged model, or an adapter directory"
-    tokenizer = load_tokenizer_from(ModelConfig(name_or_path=path), fix)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=path), fix)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES.get(dtype_name, "auto"),
                                                      device_map={"": str(device)})
     except (OSError, ValueError) as exc:
-        raise LoraDpoError(f"{path}: cannot load the model ({_one_line(exc)}). Fix: {fix}") from None
+        raise LoraDpoError(f"{path}: cannot load the model ({one_line(exc)}). Fix: {fix}") from None
     return Generator(model.eval(), tokenizer, device, False, path)
 
 
@@ -191,11 +188,6 @@ def check_output_file(path: Path) -> None:
 
 def run_generate_command(args: Any) -> int:
     """``lora-dpo generate``: answers printed to stdout, and written to --output as JSON lines."""
-    with one_line_errors():
-        return _generate(args)
-
-
-def _generate(args: Any) -> int:
     settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                                 args.repetition_penalty, args.seed)
     settings.check()

@@ -14,7 +14,6 @@ failure never leaves a half-written model behind.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
@@ -26,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -34,7 +33,7 @@ from .batching import collate, pair_logps
 from .checkpoint import complete_checkpoints
 from .config import Config, DataConfig, ModelConfig, load_config
 from .data import DataReport, TokenizedPair, load_examples, load_preference_data, tokenize_examples
-from .errors import DataError, LoraDpoError
+from .errors import DataError, LoraDpoError, one_line
 from .modeling import (autocast_for, four_bit_config, keep_cpu_4bit_trainable, load_tokenizer, resolve_compute_dtype,
                        resolve_device)
 
@@ -80,7 +79,7 @@ def inspect_adapter(directory: str | Path, base: str | None = None) -> AdapterSo
     try:
         adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LoraDpoError(f"{config_file}: not valid JSON ({_one_line(exc)}). "
+        raise LoraDpoError(f"{config_file}: not valid JSON ({one_line(exc)}). "
                            "Fix: restore the file from the training run") from None
     if not isinstance(adapter_config, dict) or adapter_config.get("peft_type") != "LORA":
         kind = adapter_config.get("peft_type") if isinstance(adapter_config, dict) else None
@@ -139,7 +138,7 @@ def _read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise LoraDpoError(f"{path}: cannot read the adapter weights, the file looks corrupted or cut off "
-                           f"({_one_line(exc)}). Fix: copy it again from the training run") from None
+                           f"({one_line(exc)}). Fix: copy it again from the training run") from None
     if not weights:
         raise LoraDpoError(f"{path}: holds no tensors. Fix: copy it again from the training run")
     broken = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
@@ -147,45 +146,6 @@ def _read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise LoraDpoError(f"{path}: {len(broken)} tensors hold NaN or inf (first: {broken[0]}), training diverged. "
                            "Fix: retrain with a lower train.learning_rate, or use an earlier checkpoint")
     return weights
-
-
-def _one_line(exc: BaseException) -> str:
-    """The most telling line of a library error, short enough for a one-line message: the first
-    line naming a mismatch or a missing file, else all lines joined."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    telling = [line for line in lines if "mismatch" in line or "not found" in line]
-    text = telling[0] if telling else " ".join(lines) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-    """The CLI promises one-line errors; a message built elsewhere around a library's multi-line
-    error (a data file reader, a YAML parser) is joined into one line here, keeping its type."""
-    try:
-        yield
-    except LoraDpoError as exc:
-        message = str(exc)
-        if "\n" in message:
-            exc.args = (" ".join(line.strip() for line in message.splitlines() if line.strip()),)
-        raise
-
-
-def load_tokenizer_from(model_config: ModelConfig, fix: str) -> Any:
-    """modeling.load_tokenizer with a one-line message whose fix names this command's flags.
-
-    load_tokenizer's own message pastes the library's error (often several lines) and names the
-    training config's model.name_or_path; it raises ``from None``, which hides the library error
-    from tracebacks but keeps it as __context__, so it can be summarised here.
-    """
-    try:
-        return load_tokenizer(model_config)
-    except LoraDpoError as exc:
-        cause = exc.__context__
-        if not Path(model_config.name_or_path).exists() or not isinstance(cause, (OSError, ValueError)):
-            raise  # the hub message and load_tokenizer's own checks (no EOS token) are one line with a fix
-        raise LoraDpoError(f"{model_config.name_or_path}: cannot load the tokenizer from this directory "
-                           f"({_one_line(cause)}). Fix: {fix}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +170,7 @@ def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
 
 
 def _base_not_found(name: str, exc: BaseException) -> str:
-    return (f"{name}: cannot load the base model ({_one_line(exc)}). Fix: pass --base with the local "
+    return (f"{name}: cannot load the base model ({one_line(exc)}). Fix: pass --base with the local "
             "directory or hub id of the model the adapter was trained on")
 
 
@@ -240,7 +200,7 @@ def apply_adapter(base_model: Any, source: AdapterSource) -> Any:
         model = PeftModel.from_pretrained(base_model, str(source.directory), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise LoraDpoError(f"{source.directory}: the adapter does not fit the base {source.model.name_or_path} "
-                           f"({_one_line(exc)}). Fix: pass --base with the model the adapter was trained on") from None
+                           f"({one_line(exc)}). Fix: pass --base with the model the adapter was trained on") from None
     # peft loads whatever keys match and only warns about the rest; a partial adapter must not pass.
     # Only the LoRA matrices are compared: they are what a merge uses, and what every adapter holds.
     loaded = {key for key in get_peft_model_state_dict(model, save_embedding_layers=False) if ".lora_" in key}
@@ -258,7 +218,7 @@ def load_adapter_tokenizer(source: AdapterSource) -> Any:
     from_base = source.tokenizer_path == source.model.name_or_path
     fix = ("pass --base with the local directory or hub id of the model the adapter was trained on" if from_base
            else "copy the tokenizer files again from the training run")
-    return load_tokenizer_from(dataclasses.replace(source.model, name_or_path=source.tokenizer_path,
+    return load_tokenizer(dataclasses.replace(source.model, name_or_path=source.tokenizer_path,
                                                    revision=source.model.revision if from_base else None), fix)
 
 
@@ -536,7 +496,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, *, base: str | None 
     try:
         merged = apply_adapter(plain, source).merge_and_unload(safe_merge=True)
     except ValueError as exc:  # safe_merge found NaN in a merged weight
-        raise LoraDpoError(f"{source.directory}: merging produced invalid weights ({_one_line(exc)}). "
+        raise LoraDpoError(f"{source.directory}: merging produced invalid weights ({one_line(exc)}). "
                            "Fix: merge in --dtype float32, or retrain with a lower train.learning_rate") from None
     del plain
 
@@ -593,7 +553,7 @@ def _score_saved(source: AdapterSource, merged_dir: Path, pairs: list[TokenizedP
         model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype="auto", device_map={"": str(device)},
                                                      trust_remote_code=source.model.trust_remote_code).eval()
     except (OSError, ValueError) as exc:
-        raise LoraDpoError(f"the merged model does not load back ({_one_line(exc)}). Fix: rerun with --debug "
+        raise LoraDpoError(f"the merged model does not load back ({one_line(exc)}). Fix: rerun with --debug "
                            "and report it") from None
     return score_pairs(model, pairs, pad_token_id, device, torch.float32, *_scoring_settings(source))
 
@@ -617,13 +577,12 @@ def run_merge_command(args: Any) -> int:
     """``lora-dpo merge``: the CLI front of merge_adapter."""
     if not math.isfinite(args.max_logp_diff) or args.max_logp_diff < 0:
         raise LoraDpoError(f"--max-logp-diff {args.max_logp_diff}: must be a number >= 0")
-    with one_line_errors():
-        result = merge_adapter(
-            args.adapter, args.out, base=args.base, dtype=args.dtype, device=args.device,
-            base_weights=args.base_weights, verify=not args.no_verify, verify_data=args.verify_data,
-            verify_pairs=args.verify_pairs, max_logp_diff=args.max_logp_diff, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-        )
+    result = merge_adapter(
+        args.adapter, args.out, base=args.base, dtype=args.dtype, device=args.device,
+        base_weights=args.base_weights, verify=not args.no_verify, verify_data=args.verify_data,
+        verify_pairs=args.verify_pairs, max_logp_diff=args.max_logp_diff, max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
     for line in result.lines():
         print(line)
     return 0

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import Config, ModelConfig
-from .errors import ConfigError, LoraDpoError
+from .errors import ConfigError, LoraDpoError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def autocast_for(device: torch.device, compute_dtype: torch.dtype) -> torch.auto
     return torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
 
 
-def load_tokenizer(model_config: ModelConfig) -> Any:
+def load_tokenizer(model_config: ModelConfig, fix: str = "point at a model directory saved with save_pretrained") -> Any:
+    """``fix`` is the advice when a local directory holds no usable tokenizer (commands name their flags)."""
     from transformers import AutoTokenizer
 
     try:
@@ -53,7 +54,7 @@ def load_tokenizer(model_config: ModelConfig) -> Any:
             model_config.name_or_path, revision=model_config.revision, trust_remote_code=model_config.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise LoraDpoError(_not_found(model_config.name_or_path, "tokenizer", exc)) from None
+        raise LoraDpoError(_not_found(model_config.name_or_path, "tokenizer", exc, fix)) from None
     if tokenizer.eos_token_id is None:
         raise LoraDpoError(f"{model_config.name_or_path}: the tokenizer has no EOS token, so responses cannot be "
                            "ended. Fix: use a tokenizer that defines eos_token")
@@ -63,16 +64,10 @@ def load_tokenizer(model_config: ModelConfig) -> Any:
     return tokenizer
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message: library errors often span many lines."""
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:limit]
-
-
-def _not_found(name: str, what: str, exc: Exception) -> str:
+def _not_found(name: str, what: str, exc: Exception,
+               fix: str = "point at a model directory saved with save_pretrained") -> str:
     if Path(name).exists():
-        return (f"{name}: cannot load the {what} from this directory ({one_line(exc)}). "
-                "Fix: point at a model directory saved with save_pretrained")
+        return f"{name}: cannot load the {what} from this directory ({one_line(exc)}). Fix: {fix}"
     return (f"{name}: cannot load the {what}: not a local directory, and the hub copy could not be read "
             f"({type(exc).__name__}). Fix: check the name, your network or HF_HUB_OFFLINE, or download the model first")
 
