@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ from .checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, remove_partial_
 from .config import Config, load_config, save_config
 from .data import TokenizedPair, read_preference_examples, tokenize_preference_data
 from .errors import Interrupted, LoraDpoError
-from .losses import needs_reference, preference_loss, reward_definition
+from .losses import PreferenceLoss, needs_reference, preference_loss, reward_definition
 from .modeling import (autocast_for, load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device,
                        save_adapter, trainable_parameters)
 from .reference_cache import ReferenceTable, reference_logps_for
@@ -143,7 +143,6 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         log.info("data %s", report.summary())
     model = load_model(config, device)
     compute_dtype = resolve_compute_dtype(config.model, device)
-    autocast = autocast_for(device, compute_dtype)
     # float16 gradients of small LoRA updates underflow without loss scaling; bfloat16 needs none.
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
 
@@ -154,16 +153,15 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
     total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * batches_per_epoch / accumulation))
     optimizer = build_optimizer(config, trainable_parameters(model), device)
     warmup = config.train.warmup_steps if config.train.warmup_steps is not None else round(config.train.warmup_ratio * total_steps)
-    scheduler = _scheduler(config, optimizer, warmup, total_steps)
+    scheduler = build_scheduler(config, optimizer, warmup, total_steps)
 
     metrics_path = out / "metrics.jsonl"
     trainer_state: dict[str, Any] = {"step": 0, "batches_consumed": 0, "pairs_consumed": 0, "skipped_steps": 0,
                                      "consecutive_bad_steps": 0, "last_eval": None}
     pad_id = tokenizer.pad_token_id
     chunk = config.dpo.logps_chunk_size
-    use_reference = needs_reference(config.dpo)  # SimPO/ORPO: no reference, one forward over every token saved
     reference_tables: dict[str, ReferenceTable | None] = {"train": None, "eval": None}
-    if config.dpo.precompute_reference and use_reference:
+    if config.dpo.precompute_reference and needs_reference(config.dpo):
         cache_dir = Path(config.dpo.reference_cache_dir).expanduser()
         for split, pairs in (("train", data.train), ("eval", data.eval)):
             if not pairs:
@@ -190,25 +188,7 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
              total_steps, pairs_per_step, len(data.train), len(data.eval), device, str(compute_dtype).removeprefix("torch."))
     log.info("loss %s; rewards/* are %s", config.dpo.loss, reward_definition(config.dpo))
 
-    def dpo_forward(pairs: list[TokenizedPair], indices: list[int],
-                    reference_table: ReferenceTable | None) -> tuple[Any, PairLogps, int]:
-        batch = collate([pairs[i] for i in indices], pad_id, layout=config.data.layout,
-                        pack_length=config.data.pack_length).to(device)
-        reference = None
-        if reference_table is not None:
-            reference = reference_table.lookup(indices, device)
-        elif use_reference:
-            was_training = model.training
-            # Eval mode: no dropout on a reference adapter, and no checkpointing wrappers around a
-            # pass that keeps no activations anyway.
-            model.eval()
-            with torch.no_grad(), reference_model(model), autocast:
-                reference = pair_logps(model, batch, chunk)
-            model.train(was_training)
-        with autocast:
-            policy = pair_logps(model, batch, chunk)
-        result = preference_loss(config.dpo, policy, reference)
-        return result, policy, batch.num_tokens
+    step_runner = DpoStep(config, model, optimizer, scheduler, scaler, device, pad_id)
 
     def evaluate() -> dict[str, float]:
         model.eval()
@@ -216,48 +196,10 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         with torch.no_grad():
             for start in range(0, len(data.eval), micro_batch_size):
                 indices = list(range(start, min(start + micro_batch_size, len(data.eval))))
-                result, policy, _ = dpo_forward(data.eval, indices, reference_tables["eval"])
+                result, policy, _ = step_runner.forward(data.eval, indices, reference_tables["eval"])
                 totals.add(result, policy)
         model.train()
         return totals.means()
-
-    def optimizer_step(micro_batches: list[list[int]]) -> tuple[dict[str, float], bool, bool]:
-        """Accumulate gradients over the micro-batches and apply them unless something is non-finite;
-        returns the metrics, whether the update was applied, and whether the step was bad."""
-        totals = _MetricSums()
-        tokens = 0
-        step_pair_count = sum(len(indices) for indices in micro_batches)
-        for indices in micro_batches:
-            result, policy, num_tokens = dpo_forward(data.train, indices, reference_tables["train"])
-            loss = result.losses.sum() / step_pair_count  # a mean over the step's pairs, however they were split
-            (scaler.scale(loss) if scaler else loss).backward()
-            totals.add(result, policy)
-            tokens += num_tokens
-        if scaler:
-            scaler.unscale_(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm or float("inf")))
-        metrics = {**totals.means(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0]}
-        if scaler:
-            # float16: the scaler owns non-finite gradients — it skips the update and lowers its
-            # scale, which is routine while it calibrates — and must see every step, skipped or not,
-            # or its next unscale_ fails. Only a non-finite loss counts as bad here.
-            scale = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            bad = not math.isfinite(metrics["loss"])
-            applied = not bad and scaler.get_scale() >= scale
-        else:
-            bad = not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm))
-            applied = not bad
-            if applied:
-                optimizer.step()
-        scheduler.step()  # also on skipped steps, so the schedule stays tied to the step number
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        metrics["tokens"] = tokens
-        return metrics, applied, bad
 
     start_step = trainer_state["step"]
     stream = _micro_batch_stream(data.train, micro_batch_size, config.train.seed, config.data.group_by_length,
@@ -275,7 +217,7 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
             step_start = time.perf_counter()
             micro_batches = [next(stream) for _ in range(accumulation)]
             try:
-                metrics, applied, bad = optimizer_step(micro_batches)
+                metrics, applied, bad = step_runner(data.train, micro_batches, reference_tables["train"])
             except torch.OutOfMemoryError as exc:
                 raise _out_of_memory(config, f"at step {step}", [data.train[i] for b in micro_batches for i in b]) from exc
             trainer_state["batches_consumed"] += len(micro_batches)
@@ -344,6 +286,94 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
     return summary
 
 
+class DpoStep:
+    """The work of one optimizer step: collate each micro-batch, the reference pass (or a lookup in
+    a precomputed table), the policy pass, the loss, backward; then clip, update, schedule.
+
+    The loop, its evaluation and scripts/bench.py all run this object, so the benchmark times
+    exactly what training does. ``phase`` (the bench's profiler) is called with the name of each
+    part as it ends: "reference", "policy", "backward" per micro-batch, "update" per step.
+    """
+
+    def __init__(self, config: Config, model: Any, optimizer: torch.optim.Optimizer | None, scheduler: Any,
+                 scaler: torch.amp.GradScaler | None, device: torch.device, pad_id: int,
+                 phase: Callable[[str], None] | None = None) -> None:
+        self.config, self.model, self.optimizer, self.scheduler, self.scaler = config, model, optimizer, scheduler, scaler
+        self.device, self.pad_id = device, pad_id
+        self.autocast = autocast_for(device, resolve_compute_dtype(config.model, device))
+        self.use_reference = needs_reference(config.dpo)  # SimPO/ORPO: no reference pass at all
+        self.phase = phase or (lambda name: None)
+
+    def forward(self, pairs: Sequence[TokenizedPair], indices: list[int],
+                reference_table: ReferenceTable | None) -> tuple[PreferenceLoss, PairLogps, int]:
+        """Loss terms and policy log-probs of the pairs at ``indices``, and their throughput token count."""
+        config, model = self.config, self.model
+        chunk = config.dpo.logps_chunk_size
+        batch = collate([pairs[i] for i in indices], self.pad_id, layout=config.data.layout,
+                        pack_length=config.data.pack_length).to(self.device)
+        self.phase("collate")
+        reference = None
+        if reference_table is not None:
+            reference = reference_table.lookup(indices, self.device)
+        elif self.use_reference:
+            was_training = model.training
+            # Eval mode: no dropout on a reference adapter, and no checkpointing wrappers around a
+            # pass that keeps no activations anyway.
+            model.eval()
+            with torch.no_grad(), reference_model(model), self.autocast:
+                reference = pair_logps(model, batch, chunk)
+            model.train(was_training)
+            self.phase("reference")
+        with self.autocast:
+            policy = pair_logps(model, batch, chunk)
+        result = preference_loss(config.dpo, policy, reference)
+        self.phase("policy")
+        return result, policy, batch.num_tokens
+
+    def __call__(self, pairs: Sequence[TokenizedPair], micro_batches: list[list[int]],
+                 reference_table: ReferenceTable | None) -> tuple[dict[str, float], bool, bool]:
+        """Accumulate gradients over the micro-batches and apply them unless something is non-finite;
+        returns the metrics, whether the update was applied, and whether the step was bad."""
+        optimizer, scaler = self.optimizer, self.scaler
+        assert optimizer is not None, "DpoStep built without an optimizer only evaluates"
+        totals = _MetricSums()
+        tokens = 0
+        step_pair_count = sum(len(indices) for indices in micro_batches)
+        for indices in micro_batches:
+            result, policy, num_tokens = self.forward(pairs, indices, reference_table)
+            loss = result.losses.sum() / step_pair_count  # a mean over the step's pairs, however they were split
+            (scaler.scale(loss) if scaler else loss).backward()
+            self.phase("backward")
+            totals.add(result, policy)
+            tokens += num_tokens
+        if scaler:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm or float("inf")))
+        metrics = {**totals.means(), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+        if scaler:
+            # float16: the scaler owns non-finite gradients — it skips the update and lowers its
+            # scale, which is routine while it calibrates — and must see every step, skipped or not,
+            # or its next unscale_ fails. Only a non-finite loss counts as bad here.
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            bad = not math.isfinite(metrics["loss"])
+            applied = not bad and scaler.get_scale() >= scale
+        else:
+            bad = not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm))
+            applied = not bad
+            if applied:
+                optimizer.step()
+        self.scheduler.step()  # also on skipped steps, so the schedule stays tied to the step number
+        optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.phase("update")
+        metrics["tokens"] = tokens
+        return metrics, applied, bad
+
+
 class _StopRequest:
     """SIGINT/SIGTERM ask the loop to finish the current step, save a checkpoint and exit; a second
     Ctrl-C stops at once. Handlers can only be installed from the main thread."""
@@ -380,7 +410,8 @@ def _out_of_memory(config: Config, when: str, pairs: list[TokenizedPair]) -> Lor
         f"out of GPU memory {when} with train.micro_batch_size={config.train.micro_batch_size} "
         f"(longest sequence {longest} tokens, data.max_length={config.data.max_length}). Fix: lower "
         "train.micro_batch_size (raise train.gradient_accumulation_steps to keep the pairs per step), lower "
-        "data.max_length or dpo.logps_chunk_size, keep model.gradient_checkpointing on; --debug shows the traceback")
+        "data.max_length or dpo.logps_chunk_size, keep model.gradient_checkpointing on with model.checkpoint_layers "
+        "null (every layer); --debug shows the traceback")
 
 
 def _check_config_changes(saved: Path, config: Config) -> None:
@@ -472,7 +503,7 @@ def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: to
     return torch.optim.AdamW(params, **settings)
 
 
-def _scheduler(config: Config, optimizer: torch.optim.Optimizer, warmup: int, total: int) -> Any:
+def build_scheduler(config: Config, optimizer: torch.optim.Optimizer, warmup: int, total: int) -> Any:
     from transformers import get_scheduler
 
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[config.train.lr_scheduler]

@@ -7,10 +7,10 @@ shared/bench/REFERENCE.md (or a tiny one for a CPU smoke run), saved once with s
 synthetic pairs of the reference lengths. Then, for every configuration asked for, it times
 steady-state optimizer steps:
 
-- lora-dpo: ``lora_dpo_step``, the training loop's step for one micro-batch rebuilt from the same
-  parts (``load_model``, ``collate`` with the chosen layout, the eval-mode reference pass or a
-  precomputed ``ReferenceTable``, the policy pass, ``preference_loss``, backward, gradient
-  clipping, optimizer step), without the loop's scheduler, metrics and non-finite-step handling;
+- lora-dpo: ``lora_dpo.train.DpoStep``, the training loop's own step (collate with the chosen
+  layout, the eval-mode reference pass or a precomputed ``ReferenceTable``, the policy pass, the
+  loss, backward, gradient clipping, the optimizer and scheduler steps, the per-step metrics), on
+  the model ``load_model`` builds;
 - TRL (when ``import trl`` works, the ``bench`` extra): ``DPOTrainer`` with peft LoRA on the same
   4-bit base, the same pairs in the same order, reference computed every step or precomputed.
 
@@ -29,6 +29,7 @@ import gc
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -42,14 +43,12 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from lora_dpo.batching import LAYOUTS, PairLogps, collate, pair_logps  # noqa: E402
+from lora_dpo.batching import LAYOUTS, collate, pair_logps  # noqa: E402
 from lora_dpo.config import load_config  # noqa: E402
 from lora_dpo.data import DataReport, PreferenceExample, TokenizedPair, tokenize_examples  # noqa: E402
 from lora_dpo.errors import LoraDpoError  # noqa: E402
-from lora_dpo.losses import preference_loss  # noqa: E402
 from lora_dpo.modeling import (  # noqa: E402
-    autocast_for, load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device,
-    trainable_parameters,
+    autocast_for, load_model, load_tokenizer, resolve_compute_dtype, resolve_device, trainable_parameters,
 )
 from lora_dpo.reference_cache import reference_logps_for  # noqa: E402
 
@@ -95,9 +94,20 @@ def long_rows(shape: Shape) -> Shape:
 # Model, tokenizer and pairs
 
 
-def default_model_root() -> Path:
+def default_model_root(shape: Shape) -> Path:
+    """/dev/shm when it can hold the model (containers often give it 64 MB), else the temp directory."""
     shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1.2 * model_bytes(shape):
+        return shm
+    return Path(tempfile.gettempdir())
+
+
+def model_bytes(shape: Shape) -> int:
+    """Size of the bf16 checkpoint of ``shape``."""
+    h, i = shape.hidden_size, shape.intermediate_size
+    attention = 2 * h * h + 2 * h * (h // shape.heads) * shape.kv_heads
+    embeddings = shape.vocab_size * h * (1 if shape.tied else 2)
+    return 2 * (shape.layers * (attention + 3 * h * i) + embeddings)
 
 
 def build_tokenizer(words: int) -> Any:
@@ -216,6 +226,7 @@ def lora_dpo_config(args: argparse.Namespace, shape: Shape, model_dir: Path, wor
         f"model.device={args.device}",
         f"model.gradient_checkpointing={str(not args.no_gradient_checkpointing).lower()}",
         f"model.attn_implementation={args.attn}",
+        f"model.checkpoint_layers={'null' if args.checkpoint_layers is None else args.checkpoint_layers}",
         f"data.train_file={train_file}",
         f"data.max_length={shape.max_length}",
         f"data.max_prompt_length={shape.max_prompt_length}",
@@ -225,72 +236,128 @@ def lora_dpo_config(args: argparse.Namespace, shape: Shape, model_dir: Path, wor
         f"train.optim={args.optim}",
         "train.learning_rate=5e-6",
         "train.max_grad_norm=1.0",
+        "train.lr_scheduler=constant",
+        "train.warmup_steps=0",
         "dpo.beta=0.1",
     ])
 
 
-def lora_dpo_step(model: Any, config: Any, optimizer: Any, scaler: Any, autocast: Any, batch: Any,
-                  reference: PairLogps | None) -> torch.Tensor:
-    """One optimizer step of one micro-batch, as lora_dpo.train's dpo_forward and optimizer_step run
-    it: the on-demand reference pass in eval mode, the policy pass, ``preference_loss``, backward,
-    gradient clipping (its norm read back to the host, as the loop reads it) and the optimizer step.
+def layout_agreement(model: Any, pairs: list[TokenizedPair], layouts: list[str], autocast: Any, pad_id: int,
+                     chunk_size: int, pack_length: int | None, seed: int) -> list[dict[str, Any]]:
+    """How far each layout's per-pair log-probs and LoRA gradients are from the padded layout's, on
+    one micro-batch in the compute dtype: the tolerance the fast paths have on this device.
 
-    Left out, because the bench does not need them: the scheduler step (the bench's learning rate
-    stays constant), the per-pair metrics the loop reads back to the host (seven small reads per
-    micro-batch), and the loop's skipping of a step with a non-finite loss or gradient (the bench
-    stops on a non-finite loss instead). Returns the detached loss.
+    The adapter gets small random B matrices first (B starts at zero, which would leave every A
+    gradient zero and the comparison half empty) and its weights are put back afterwards. Eval
+    mode, so LoRA dropout draws no different masks per layout; the gradient is that of a weighted
+    sum of the log-probs with a random weight per pair and side, so a token scored into the wrong
+    pair or side shows.
     """
-    chunk = config.dpo.logps_chunk_size
-    if reference is None:
-        # Eval mode, as in the loop: no dropout and no checkpointing wrappers in a pass that keeps
-        # no activations; timing it in train mode would count work the loop does not do.
-        model.eval()
-        with torch.no_grad(), reference_model(model), autocast:
-            reference = pair_logps(model, batch, chunk)
-        model.train()
-    with autocast:
-        policy = pair_logps(model, batch, chunk)
-    loss = preference_loss(config.dpo, policy, reference).losses.mean()
-    (scaler.scale(loss) if scaler else loss).backward()
-    if scaler:
-        scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    # The loop reads the norm back to decide whether to apply the step: a host sync the bench pays too.
-    float(torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm or float("inf")))
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    generator = torch.Generator().manual_seed(seed)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    saved = {name: p.detach().clone() for name, p in params.items()}
+    with torch.no_grad():
+        for name, param in params.items():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    weights = torch.randn(2, len(pairs), generator=generator)
+    was_training = model.training
+    model.eval()
+    measured = {}
+    try:
+        for layout in ["padded", *[name for name in layouts if name != "padded"]]:
+            model.zero_grad(set_to_none=True)
+            batch = collate(pairs, pad_id, layout=layout, pack_length=pack_length).to(next(iter(params.values())).device)
+            with autocast:
+                logps = pair_logps(model, batch, chunk_size)
+            values = torch.cat([logps.chosen, logps.rejected]).float()
+            (values * weights.flatten().to(values.device)).sum().backward()
+            grads = torch.cat([params[name].grad.float().flatten() for name in sorted(params)])
+            measured[layout] = (values.detach().cpu(), grads.cpu())
+    finally:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved[name])
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    want_values, want_grads = measured["padded"]
+    rows = []
+    for layout, (values, grads) in measured.items():
+        if layout == "padded":
+            continue
+        difference = (values - want_values).abs()
+        rows.append({"layout": layout, "max_abs_logp_diff": float(difference.max()),
+                     "max_rel_logp_diff": float((difference / want_values.abs().clamp_min(1e-6)).max()),
+                     "grad_rel_diff": float((grads - want_grads).norm() / want_grads.norm().clamp_min(1e-12)),
+                     "mean_abs_logp": float(want_values.abs().mean())})
+    return rows
+
+
+def agreement_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| layout | max abs logp diff | max rel logp diff | grad rel diff (L2) | mean abs logp (padded) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layout']} | {r['max_abs_logp_diff']:.2e} | {r['max_rel_logp_diff']:.2e} | "
+                     f"{r['grad_rel_diff']:.2e} | {r['mean_abs_logp']:,.1f} |")
+    return "\n".join(lines)
+
+
+class PhaseClock:
+    """Handed to DpoStep as its ``phase`` callback: synchronises the GPU at the end of each part of a
+    step and adds up the seconds per part. The syncs cost a little overlap, so phase times come
+    from extra steps after the timed ones, never from the timed steps themselves."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.enabled, self.last = device, False, 0.0
+        self.seconds: dict[str, float] = {}
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.enabled, self.last, self.seconds = True, time.perf_counter(), {}
+
+    def __call__(self, name: str) -> None:
+        if self.enabled:
+            synchronize(self.device)
+            now = time.perf_counter()
+            self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+            self.last = now
 
 
 def run_lora_dpo(args: argparse.Namespace, shape: Shape, model_dir: Path, pairs: list[TokenizedPair],
-                 work: Path, device: torch.device) -> list[dict[str, Any]]:
+                 work: Path, device: torch.device, agreement: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every (layout, reference mode) asked for, on one loaded model; each configuration gets a
-    fresh optimizer and a fresh peak-memory count."""
-    from lora_dpo.train import build_optimizer  # the training loop's own optimizer construction
+    fresh optimizer and a fresh peak-memory count. With --check-layouts, the layouts' agreement
+    with padded is measured first and appended to ``agreement``."""
+    from lora_dpo.train import DpoStep, build_optimizer, build_scheduler  # the training loop's own parts
 
     config = lora_dpo_config(args, shape, model_dir, work)
     compute_dtype = resolve_compute_dtype(config.model, device)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config, device)
     model.train()
-    autocast = autocast_for(device, compute_dtype)
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
-    mb, chunk = shape.micro_batch, config.dpo.logps_chunk_size
+    mb = shape.micro_batch
     # Every configuration starts from the same adapter; the copy waits on the CPU so that it does
     # not count towards GPU memory.
     initial = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+    if args.check_layouts:
+        agreement.extend(layout_agreement(model, pairs[:mb], LAYOUTS, autocast_for(device, compute_dtype),
+                                          tokenizer.pad_token_id, config.dpo.logps_chunk_size, args.pack_length, args.seed))
+        for row in agreement:
+            row["dtype"] = str(compute_dtype).removeprefix("torch.")
+        reset_memory(device)
     results = []
     for reference_mode in args.reference:
         for layout in args.layouts:
+            config.data.layout, config.data.pack_length = layout, args.pack_length
             with torch.no_grad():
                 for name, param in model.named_parameters():
                     if name in initial:
                         param.copy_(initial[name])
             optimizer = build_optimizer(config, trainable_parameters(model), device)
+            scheduler = build_scheduler(config, optimizer, 0, args.warmup + args.steps + args.breakdown_steps)
+            clock = PhaseClock(device)
+            step = DpoStep(config, model, optimizer, scheduler, scaler, device, tokenizer.pad_token_id, phase=clock)
             reset_memory(device)
             prep_started = time.perf_counter()
             table = None
@@ -298,34 +365,52 @@ def run_lora_dpo(args: argparse.Namespace, shape: Shape, model_dir: Path, pairs:
                 # A fresh cache directory per configuration: this times the pass, not a file read.
                 table = reference_logps_for(model, pairs, config.model, compute_dtype, tokenizer.pad_token_id,
                                             work / f"reference-{layout}", micro_batch_size=mb, layout=layout,
-                                            chunk_size=chunk, pack_length=args.pack_length)
+                                            chunk_size=config.dpo.logps_chunk_size, pack_length=args.pack_length)
             synchronize(device)
             prep_s = time.perf_counter() - prep_started
             ends, step_tokens, row_tokens = [], [], []
-            for step in range(args.warmup + args.steps):
-                indices = list(range(step * mb, (step + 1) * mb))
-                batch = collate([pairs[i] for i in indices], tokenizer.pad_token_id, layout=layout,
-                                pack_length=args.pack_length).to(device)
-                reference = table.lookup(indices, device) if table is not None else None
-                loss = lora_dpo_step(model, config, optimizer, scaler, autocast, batch, reference)
-                synchronize(device)
-                ends.append(time.perf_counter())
-                step_tokens.append(batch.num_tokens)
-                row_tokens.append(batch.input_ids.numel())
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"lora-dpo {layout}/{reference_mode}: non-finite loss at step {step}")
+            timed = args.warmup + args.steps
+            for index in range(timed + args.breakdown_steps):
+                if index == timed:
+                    clock.start()
+                indices = list(range(index * mb, (index + 1) * mb))
+                metrics, _, bad = step(pairs, [indices], table)
+                ends.append(time.perf_counter())  # DpoStep synchronises the GPU before it returns
+                step_tokens.append(metrics["tokens"])
+                row_tokens.append(collate([pairs[i] for i in indices], tokenizer.pad_token_id, layout=layout,
+                                          pack_length=args.pack_length).input_ids.numel())
+                if bad:
+                    raise RuntimeError(f"lora-dpo {layout}/{reference_mode}: non-finite loss at step {index}")
+            phases = {name: seconds / args.breakdown_steps for name, seconds in clock.seconds.items()}
             results.append({
                 "impl": "lora-dpo", "layout": layout, "reference": reference_mode,
-                **steady_state(ends, step_tokens, args.warmup), **peak_memory(device),
-                "row_tokens_per_step": sum(row_tokens[args.warmup:]) / args.steps,
-                "prep_s": prep_s, "final_loss": loss.item(),
+                **steady_state(ends[:timed], step_tokens[:timed], args.warmup), **peak_memory(device),
+                "row_tokens_per_step": sum(row_tokens[args.warmup : timed]) / args.steps,
+                "prep_s": prep_s, "final_loss": metrics["loss"], "phase_s": phases or None,
             })
             print(f"  lora-dpo {layout:<21} {reference_mode:<11} {results[-1]['s_per_step']:.3f} s/step",
                   file=sys.stderr, flush=True)
-            del optimizer, table
+            if args.profile:
+                profile_steps(step, pairs, table, mb, args, device, args.profile / f"lora-dpo-{layout}-{reference_mode}.txt")
+            del optimizer, table, step
     del model, initial
     reset_memory(device)
     return results
+
+
+def profile_steps(step: Any, pairs: list[TokenizedPair], table: Any, mb: int, args: argparse.Namespace,
+                  device: torch.device, path: Path) -> None:
+    """Two more steps under torch.profiler; the operators that took the most time go to ``path``.
+    They reuse the first pairs: the profile is about where time goes, not about the data."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as profiler:
+        for index in range(2):
+            step(pairs, [list(range(index * mb, (index + 1) * mb))], table)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=60) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +536,21 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def phase_table(results: list[dict[str, Any]]) -> str:
+    """Milliseconds per part of a lora-dpo step (from the breakdown steps), and each part's share."""
+    rows = [r for r in results if r.get("phase_s")]
+    if not rows:
+        return ""
+    names = [n for n in ("collate", "reference", "policy", "backward", "update") if any(n in r["phase_s"] for r in rows)]
+    lines = ["| layout | reference | " + " | ".join(f"{n} ms" for n in names) + " |", "|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        total = sum(r["phase_s"].values())
+        cells = [f"{r['phase_s'][n] * 1e3:,.0f} ({r['phase_s'][n] / total:.0%})" if n in r["phase_s"] else "-"
+                 for n in names]
+        lines.append(f"| {r['layout']} | {r['reference']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def environment(device: torch.device, with_trl: bool) -> dict[str, Any]:
     import bitsandbytes
     import peft
@@ -475,6 +575,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=at_least(1), default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=at_least(1), default=3,
                         help="untimed steps first (at least 1: the first timed interval starts at the end of warm-up)")
+    parser.add_argument("--breakdown-steps", type=at_least(0), default=2,
+                        help="lora-dpo steps after the timed ones, with the GPU synchronised after each part of the "
+                             "step, for the per-part times (reference, policy, backward, update); 0 skips them")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="also profile two lora-dpo steps per configuration with torch.profiler and write the "
+                             "top operators to DIR/lora-dpo-LAYOUT-REFERENCE.txt")
+    parser.add_argument("--check-layouts", action="store_true",
+                        help="first measure how far every layout's log-probs and gradients are from padded's")
     parser.add_argument("--micro-batch", type=at_least(1), default=None,
                         help="pairs per step (default: 4 for 1b, 2 for 8b)")
     parser.add_argument("--layouts", default="padded,prefix_shared,packed_prefix_shared",
@@ -489,10 +597,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention kernel for both")
     parser.add_argument("--optim", choices=["paged_adamw_8bit", "adamw"], default="paged_adamw_8bit")
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="turn checkpointing off for both")
+    parser.add_argument("--checkpoint-layers", type=at_least(0), default=None,
+                        help="lora-dpo only: checkpoint just the first N decoder layers (model.checkpoint_layers); "
+                             "TRL keeps checkpointing every layer")
     parser.add_argument("--model-root", type=Path, default=None, help="where the random model is saved (default /dev/shm)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     args = parser.parse_args(argv)
+    if args.no_gradient_checkpointing and args.checkpoint_layers is not None:
+        parser.error("--checkpoint-layers needs gradient checkpointing; drop --no-gradient-checkpointing")
     args.layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
     args.reference = [name.strip() for name in args.reference.split(",") if name.strip()]
     for name in args.layouts:
@@ -502,6 +615,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if name not in REFERENCE_MODES:
             parser.error(f"--reference: unknown mode {name!r}; choose from {', '.join(REFERENCE_MODES)}")
     return args
+
+
+def checkpointing(args: argparse.Namespace) -> str:
+    if args.no_gradient_checkpointing:
+        return "off"
+    if args.checkpoint_layers is not None:
+        return f"on (lora-dpo: first {args.checkpoint_layers} layers only)"
+    return "on"
 
 
 def at_least(minimum: int) -> Any:
@@ -543,8 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     run_trl_too = not args.skip_trl and trl_available()
-    model_dir = build_model_dir(args.shape, shape, args.model_root or default_model_root())
-    count = shape.micro_batch * (args.warmup + args.steps)
+    model_dir = build_model_dir(args.shape, shape, args.model_root or default_model_root(shape))
+    count = shape.micro_batch * (args.warmup + args.steps + args.breakdown_steps)
     rows = make_rows(shape, count, args.seed)
     pairs = tokenize_rows(rows, build_tokenizer(shape.words), shape)
     info = environment(device, run_trl_too)
@@ -552,10 +673,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{shape.micro_batch} pairs/step, {args.warmup} warm-up + {args.steps} timed steps, model in {model_dir}",
           file=sys.stderr, flush=True)
     results: list[dict[str, Any]] = []
+    agreement: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lora-dpo-bench-") as scratch:
         work = Path(scratch)
         if not args.skip_lora_dpo:
-            results += run_lora_dpo(args, shape, model_dir, pairs, work, device)
+            results += run_lora_dpo(args, shape, model_dir, pairs, work, device, agreement)
         if run_trl_too:
             results += run_trl(args, shape, model_dir, rows, pairs, work, device)
     add_ratios(results)
@@ -563,19 +685,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.shape}{' (long rows)' if args.long_rows else ''}, {info['device']}, {info['date']}; "
           + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     print(f"{shape.micro_batch} pairs/step, mean {mean_tokens:.0f} tokens/pair (2 x prompt + chosen + rejected), "
-          f"gradient checkpointing {'off' if args.no_gradient_checkpointing else 'on'}, {args.optim}, {args.attn}"
+          f"gradient checkpointing {checkpointing(args)}, {args.optim}, {args.attn}"
           + ("" if run_trl_too else "; TRL not run (--skip-trl or not installed)"))
     if device.type == "cpu":
         print("CPU run: a smoke test of the code paths; these timings say nothing about GPU throughput.")
     print()
     print(table(results))
+    if agreement:
+        print(f"\nEach layout against padded on the first micro-batch, {agreement[0]['dtype']}:\n")
+        print(agreement_table(agreement))
+    phases = phase_table(results)
+    if phases:
+        print(f"\nlora-dpo step parts, mean of {args.breakdown_steps} steps synchronised after each part:\n")
+        print(phases)
     if args.json:
         settings = {"shape": args.shape, "long_rows": args.long_rows, **dataclasses.asdict(shape),
                     "steps": args.steps, "warmup": args.warmup, "gradient_checkpointing": not args.no_gradient_checkpointing,
                     "optim": args.optim, "attn": args.attn, "pack_length": args.pack_length,
+                    "checkpoint_layers": args.checkpoint_layers,
+                    "breakdown_steps": args.breakdown_steps,
                     "mean_tokens_per_pair": mean_tokens, "seed": args.seed}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**info, "settings": settings, "results": results}, indent=2) + "\n")
+        args.json.write_text(json.dumps({**info, "settings": settings, "results": results, "layout_agreement": agreement},
+                                        indent=2) + "\n")
     return 0
 
 

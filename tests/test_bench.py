@@ -37,7 +37,8 @@ def _run(*args, tmp_path):
 
 def test_tiny_cpu_run_prints_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = _run("--shape", "tiny", "--steps", "2", "--warmup", "1", "--skip-trl", "--json", str(out), tmp_path=tmp_path)
+    result = _run("--shape", "tiny", "--steps", "2", "--warmup", "1", "--skip-trl", "--json", str(out),
+                  "--profile", str(tmp_path / "profile"), "--check-layouts", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert ("| impl | layout | reference | s/step | tokens/s | peak alloc GiB | peak reserved GiB | row tokens/step "
@@ -45,6 +46,8 @@ def test_tiny_cpu_run_prints_table_and_json(tmp_path):
     assert "CPU run: a smoke test of the code paths; these timings say nothing about GPU throughput." in lines
     rows = [line for line in lines if line.startswith("| lora-dpo |")]
     assert len(rows) == 6  # three default layouts x two reference modes
+    assert "| layout | reference | collate ms | reference ms | policy ms | backward ms | update ms |" in lines
+    assert "| layout | max abs logp diff | max rel logp diff | grad rel diff (L2) | mean abs logp (padded) |" in lines
 
     report = json.loads(out.read_text())
     assert report["settings"]["shape"] == "tiny" and report["settings"]["steps"] == 2
@@ -59,7 +62,17 @@ def test_tiny_cpu_run_prints_table_and_json(tmp_path):
         # The adapter starts at zero and lr is 5e-6: policy = reference, so the loss stays ln 2 unless
         # the reference (on-demand or looked up from the precomputed table) belongs to other pairs.
         assert r["final_loss"] == pytest.approx(math.log(2), abs=1e-3)
+        assert r["phase_s"]["policy"] > 0 and r["phase_s"]["backward"] > 0
+        assert ("reference" in r["phase_s"]) == (r["reference"] == "every_step")
+        profile = (tmp_path / "profile" / f"lora-dpo-{r['layout']}-{r['reference']}.txt").read_text()
+        assert "aten::mm" in profile  # the profiler's operator table
     assert results[("padded", "precomputed")]["prep_s"] > 0
+    # float32 on the CPU: every layout gives padded's numbers (the GPU run states its bf16 tolerance).
+    agreement = {row["layout"]: row for row in report["layout_agreement"]}
+    assert set(agreement) == {"prefix_shared", "packed", "packed_prefix_shared"}
+    for row in agreement.values():
+        assert row["dtype"] == "float32" and row["mean_abs_logp"] > 10
+        assert row["max_abs_logp_diff"] < 1e-4 and row["grad_rel_diff"] < 1e-4
     # Same pairs in every configuration: same throughput count, fewer processed tokens when shared.
     padded = results[("padded", "every_step")]
     shared = results[("prefix_shared", "every_step")]
@@ -108,11 +121,12 @@ def test_cuda_without_a_gpu_is_refused_by_resolve_device(bench, tmp_path, capsys
     assert list(tmp_path.iterdir()) == []
 
 
-def test_step_runs_the_reference_in_eval_mode_like_the_training_loop(bench, llama_dir, tmp_path):
-    """lora_dpo.train.dpo_forward runs the on-demand reference pass under model.eval() + no_grad and
-    goes back to train mode for the policy pass; the bench must time the same passes."""
-    from lora_dpo.batching import collate, decoder_and_head
+def test_dpo_step_runs_the_reference_in_eval_mode_and_reports_its_parts(bench, llama_dir, tmp_path):
+    """DpoStep (what the loop and the bench both run) takes the on-demand reference pass under
+    model.eval() + no_grad and goes back to train mode for the policy pass."""
+    from lora_dpo.batching import decoder_and_head
     from lora_dpo.modeling import load_model, load_tokenizer, trainable_parameters
+    from lora_dpo.train import DpoStep, build_scheduler
 
     args = bench.parse_args(["--shape", "tiny", "--device", "cpu", "--optim", "adamw"])
     shape = bench.SHAPES["tiny"]
@@ -122,8 +136,6 @@ def test_step_runs_the_reference_in_eval_mode_like_the_training_loop(bench, llam
     model = load_model(config, torch.device("cpu"))
     model.train()
     pairs = bench.tokenize_rows(bench.make_rows(shape, 2, seed=1), tokenizer, shape)
-    batch = collate(pairs, tokenizer.pad_token_id)
-    autocast = torch.autocast("cpu", enabled=False)
     passes = []
     decoder, _ = decoder_and_head(model)  # what pair_logps calls
     decoder.register_forward_pre_hook(lambda module, inputs: passes.append((module.training, torch.is_grad_enabled())))
@@ -132,23 +144,34 @@ def test_step_runs_the_reference_in_eval_mode_like_the_training_loop(bench, llam
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.SGD(params, lr=1.0)
     config.train.max_grad_norm = 1e-3
-    loss = bench.lora_dpo_step(model, config, optimizer, None, autocast, batch, reference=None)
+    parts = []
+    step = DpoStep(config, model, optimizer, build_scheduler(config, optimizer, 0, 10), None, torch.device("cpu"),
+                   tokenizer.pad_token_id, phase=parts.append)
+    metrics, applied, bad = step(pairs, [[0, 1]], None)
     assert passes == [(False, False), (True, True)]  # reference: eval, no grad; policy: train, grad
-    assert model.training
+    assert parts == ["collate", "reference", "policy", "backward", "update"]
+    assert model.training and applied and not bad
     # LoRA B starts at zero, so policy = reference and the loss is ln 2: the reference pass
     # really was the adapter-free model, with the same pairs.
-    assert float(loss) == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics["tokens"] == pairs[0].num_tokens + pairs[1].num_tokens
     # SGD with lr 1 moves the weights by exactly the clipped gradient: clipping happened.
     moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(params, before)))
     assert 0 < float(moved) <= 1e-3 * (1 + 1e-4)
     assert all(p.grad is None for p in params)  # zero_grad(set_to_none=True), as the loop does
 
+    class Table:  # a precomputed reference: looked up, no reference pass
+        def lookup(self, indices, device):
+            from lora_dpo.batching import collate, pair_logps
+
+            with torch.no_grad():
+                return pair_logps(model, collate([pairs[i] for i in indices], tokenizer.pad_token_id))
+
     passes.clear()
-    with torch.no_grad(), autocast:
-        reference = bench.pair_logps(model, batch, config.dpo.logps_chunk_size)
-    passes.clear()
-    bench.lora_dpo_step(model, config, optimizer, None, autocast, batch, reference=reference)
-    assert passes == [(True, True)]  # a looked-up reference: the policy pass only
+    parts.clear()
+    step(pairs, [[0, 1]], Table())
+    assert passes[-1] == (True, True) and len(passes) == 2  # the lookup's own pass, then the policy pass
+    assert parts == ["collate", "policy", "backward", "update"]
 
 
 def test_ratios_pair_each_mode_with_trl_of_the_same_mode(bench):
@@ -188,3 +211,32 @@ def test_word_tokenizer_and_pairs_have_exact_lengths(bench):
         assert tokenizer(row["prompt"] + row["chosen"])["input_ids"] == pair.prompt_ids + pair.chosen_ids[:-1]
     long = bench.long_rows(bench.SHAPES["8b"])
     assert (long.micro_batch, long.max_length, long.prompt) == (1, 2048, (768, 1024))
+
+
+def test_layout_agreement_sees_a_wrong_layout(bench, llama_dir, tmp_path, monkeypatch):
+    """The agreement check must notice a layout that scores the wrong tokens."""
+    from lora_dpo import batching
+    from lora_dpo.modeling import load_model, load_tokenizer
+
+    args = bench.parse_args(["--shape", "tiny", "--device", "cpu", "--optim", "adamw"])
+    shape = bench.SHAPES["tiny"]
+    config = bench.lora_dpo_config(args, shape, llama_dir, tmp_path)
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config, torch.device("cpu"))
+    pairs = bench.tokenize_rows(bench.make_rows(shape, 2, seed=4), tokenizer, shape)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    real_collate = bench.collate
+
+    def shifted(pairs, pad_id, layout="padded", pack_length=None):
+        batch = real_collate(pairs, pad_id, layout=layout, pack_length=pack_length)
+        if layout == "packed":
+            batch.target_positions = batch.target_positions + 1  # off by one: predicts from the wrong state
+        return batch
+
+    monkeypatch.setattr(bench, "collate", shifted)
+    rows = {r["layout"]: r for r in bench.layout_agreement(model, pairs, batching.LAYOUTS, torch.autocast("cpu", enabled=False),
+                                                            tokenizer.pad_token_id, 7, None, seed=0)}
+    assert rows["prefix_shared"]["max_abs_logp_diff"] < 1e-4
+    assert rows["packed"]["max_abs_logp_diff"] > 1.0 and rows["packed"]["grad_rel_diff"] > 0.1
+    # The random adapter used for the check is undone.
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if p.requires_grad)
