@@ -686,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     print(f"{shape.micro_batch} pairs/step, mean {mean_tokens:.0f} tokens/pair (2 x prompt + chosen + rejected), "
           f"gradient checkpointing {checkpointing(args)}, {args.optim}, {args.attn}"
+          + (f", PYTORCH_CUDA_ALLOC_CONF={os.environ['PYTORCH_CUDA_ALLOC_CONF']}"
+             if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") else "")
           + ("" if run_trl_too else "; TRL not run (--skip-trl or not installed)"))
     if device.type == "cpu":
         print("CPU run: a smoke test of the code paths; these timings say nothing about GPU throughput.")
@@ -703,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
                     "steps": args.steps, "warmup": args.warmup, "gradient_checkpointing": not args.no_gradient_checkpointing,
                     "optim": args.optim, "attn": args.attn, "pack_length": args.pack_length,
                     "checkpoint_layers": args.checkpoint_layers,
+                    "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                     "breakdown_steps": args.breakdown_steps,
                     "mean_tokens_per_pair": mean_tokens, "seed": args.seed}
         args.json.parent.mkdir(parents=True, exist_ok=True)

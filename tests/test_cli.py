@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -110,3 +111,12 @@ def test_python_dash_m_and_config_command(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lora_dpo", "config", DEMO, "train.max_stepz=5"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 2 and "did you mean train.max_steps?" in result.stderr
+
+
+def test_commands_ask_for_expandable_cuda_segments_unless_the_user_chose(monkeypatch, capsys):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert main(["config", DEMO]) == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert main(["config", DEMO]) == 0
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
