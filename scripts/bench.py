@@ -676,8 +676,12 @@ def main(argv: list[str] | None = None) -> int:
     agreement: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lora-dpo-bench-") as scratch:
         work = Path(scratch)
-        if not args.skip_lora_dpo:
-            results += run_lora_dpo(args, shape, model_dir, pairs, work, device, agreement)
+        try:
+            if not args.skip_lora_dpo:
+                results += run_lora_dpo(args, shape, model_dir, pairs, work, device, agreement)
+        except LoraDpoError as exc:  # e.g. --checkpoint-layers above the shape's layer count
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
         if run_trl_too:
             results += run_trl(args, shape, model_dir, rows, pairs, work, device)
     add_ratios(results)

@@ -240,3 +240,31 @@ def test_layout_agreement_sees_a_wrong_layout(bench, llama_dir, tmp_path, monkey
     assert rows["packed"]["max_abs_logp_diff"] > 1.0 and rows["packed"]["grad_rel_diff"] > 0.1
     # The random adapter used for the check is undone.
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if p.requires_grad)
+
+
+def test_checkpoint_layers_reach_the_model_and_bad_counts_are_one_line(tmp_path):
+    result = _run("--shape", "tiny", "--steps", "1", "--warmup", "1", "--skip-trl", "--layouts", "padded",
+                  "--reference", "precomputed", "--checkpoint-layers", "1", "--breakdown-steps", "0", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "gradient checkpointing on (lora-dpo: first 1 layers only)" in result.stdout
+    result = _run("--shape", "tiny", "--steps", "1", "--warmup", "1", "--skip-trl", "--checkpoint-layers", "3",
+                  tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith("bench: model.checkpoint_layers=3 but ")
+    assert "has 2 decoder layers" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gpu_suite_script_writes_each_stage_under_out(tmp_path):
+    """scripts/gpu_suite.sh, as a device session runs it, on the tiny shape (SMOKE=1) with one stage."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SMOKE": "1", "SKIP": "8b-long 1b 8b-partial",
+           "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_suite.sh"), str(out)], capture_output=True, text=True,
+                            env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "== 8b: exit 0 after" in result.stdout and "== 1b: skipped" in result.stdout
+    report = json.loads((out / "8b.json").read_text())
+    assert report["settings"]["shape"] == "tiny" and len(report["layout_agreement"]) == 3
+    assert (out / "profile-8b" / "lora-dpo-padded-every_step.txt").is_file()
+    assert "torch 2" in (out / "environment.txt").read_text()
+    assert result.stdout.rstrip().endswith((out / "8b.txt").read_text().rstrip())  # the tables come last
