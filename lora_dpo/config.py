@@ -41,6 +41,8 @@ class ModelConfig:
     """Recompute activations in the backward pass: about 30% more compute for a large cut in memory."""
     checkpoint_layers: Optional[int] = None
     """Decoder layers to checkpoint, counted from the first; null checkpoints all. Each layer left out skips its recompute (about a third of its backward cost) and keeps its activations in memory."""
+    compile: bool = False
+    """torch.compile each decoder layer: fewer, fused kernels per step, after a one-time compile in the first steps (off until measured to pay on your setup)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers."""
     device: Literal["auto", "cuda", "cpu"] = "auto"

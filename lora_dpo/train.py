@@ -29,7 +29,7 @@ from .batching import PairLogps, collate, length_grouped_batches, pair_logps
 from .checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, remove_partial_writes, restore_checkpoint, write_checkpoint
 from .config import Config, load_config, save_config
 from .data import TokenizedPair, read_preference_examples, tokenize_preference_data
-from .errors import Interrupted, LoraDpoError
+from .errors import Interrupted, LoraDpoError, one_line
 from .losses import PreferenceLoss, needs_reference, preference_loss, reward_definition
 from .modeling import (autocast_for, load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device,
                        save_adapter, trainable_parameters)
@@ -128,6 +128,19 @@ def _record_written(path: Path, names: set[str]) -> None:
 
 def train(config: Config, overwrite: bool = False, progress: bool | None = None) -> RunSummary:
     """Train a LoRA adapter with DPO as ``config`` says; returns what the run achieved."""
+    try:
+        return _train(config, overwrite, progress)
+    except RuntimeError as exc:
+        # torch.compile fails at the first forward pass, not where it is asked for, and with a
+        # page-long message; a missing compiler or triton is a setup problem with a one-line fix.
+        if config.model.compile and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise LoraDpoError(f"model.compile: torch.compile failed ({type(exc).__name__}: {one_line(exc)}). "
+                               "Fix: set model.compile=false, or install what the message names (a C++ compiler "
+                               "for the CPU, triton for a GPU)") from exc
+        raise
+
+
+def _train(config: Config, overwrite: bool, progress: bool | None) -> RunSummary:
     started = time.perf_counter()
     out = Path(config.output.dir)
     data_files = [Path(f) for f in (config.data.train_file, config.data.eval_file) if f and Path(f).exists()]

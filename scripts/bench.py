@@ -227,6 +227,7 @@ def lora_dpo_config(args: argparse.Namespace, shape: Shape, model_dir: Path, wor
         f"model.gradient_checkpointing={str(not args.no_gradient_checkpointing).lower()}",
         f"model.attn_implementation={args.attn}",
         f"model.checkpoint_layers={'null' if args.checkpoint_layers is None else args.checkpoint_layers}",
+        f"model.compile={str(args.compile).lower()}",
         f"data.train_file={train_file}",
         f"data.max_length={shape.max_length}",
         f"data.max_prompt_length={shape.max_prompt_length}",
@@ -597,6 +598,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention kernel for both")
     parser.add_argument("--optim", choices=["paged_adamw_8bit", "adamw"], default="paged_adamw_8bit")
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="turn checkpointing off for both")
+    parser.add_argument("--compile", action="store_true",
+                        help="lora-dpo only: torch.compile each decoder layer (model.compile); raise --warmup so the "
+                             "compiles stay out of the timed steps")
     parser.add_argument("--checkpoint-layers", type=at_least(0), default=None,
                         help="lora-dpo only: checkpoint just the first N decoder layers (model.checkpoint_layers); "
                              "TRL keeps checkpointing every layer")
@@ -690,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     print(f"{shape.micro_batch} pairs/step, mean {mean_tokens:.0f} tokens/pair (2 x prompt + chosen + rejected), "
           f"gradient checkpointing {checkpointing(args)}, {args.optim}, {args.attn}"
+          + (", lora-dpo layers compiled" if args.compile else "")
           + (f", PYTORCH_CUDA_ALLOC_CONF={os.environ['PYTORCH_CUDA_ALLOC_CONF']}"
              if os.environ.get("PYTORCH_CUDA_ALLOC_CONF") else "")
           + ("" if run_trl_too else "; TRL not run (--skip-trl or not installed)"))
@@ -708,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"shape": args.shape, "long_rows": args.long_rows, **dataclasses.asdict(shape),
                     "steps": args.steps, "warmup": args.warmup, "gradient_checkpointing": not args.no_gradient_checkpointing,
                     "optim": args.optim, "attn": args.attn, "pack_length": args.pack_length,
-                    "checkpoint_layers": args.checkpoint_layers,
+                    "checkpoint_layers": args.checkpoint_layers, "compile": args.compile,
                     "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                     "breakdown_steps": args.breakdown_steps,
                     "mean_tokens_per_pair": mean_tokens, "seed": args.seed}

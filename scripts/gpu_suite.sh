@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Everything docs/benchmarks.md reports from a GPU, in one go, most important first: lora-dpo
 # against TRL on the 8B shape (with the per-part breakdown, a profile and the layouts' bf16
-# agreement), the 8B long-row memory run, then the 1B shape. Each stage has its own time limit
+# agreement), the 8B long-row memory run, 8B with partial checkpointing and with compiled layers,
+# then the 1B shape. Each stage has its own time limit
 # and writes its table, JSON and log under OUT as soon as it ends, so a session that runs out of
 # time still keeps what finished. The last thing printed is every stage's table.
 #
 #   bash scripts/gpu_suite.sh [OUT]          (OUT defaults to $OUT, then ./gpu-suite)
 #
-# Stage limits (seconds) can be changed with LIMIT_8B, LIMIT_8B_LONG, LIMIT_1B, LIMIT_8B_PARTIAL;
+# Stage limits (seconds) can be changed with LIMIT_8B, LIMIT_8B_LONG, LIMIT_8B_PARTIAL, LIMIT_8B_COMPILE, LIMIT_1B;
 # SKIP="1b 8b-long" leaves stages out; SMOKE=1 runs every stage on the tiny shape (a CPU check of
 # this script, no timing claims). On an offline machine install the wheels first (docs/benchmarks.md).
 set -u
@@ -54,13 +55,16 @@ stage 8b "${LIMIT_8B:-260}" --shape 8b --steps 6 --warmup 2 --check-layouts --pr
 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
   stage 8b-long "${LIMIT_8B_LONG:-100}" --shape 8b --long-rows --steps 3 --warmup 1 --skip-trl \
   --layouts padded,prefix_shared --reference every_step
-stage 1b "${LIMIT_1B:-120}" --shape 1b --steps 8 --warmup 2 --check-layouts
 # Memory left under TRL's peak buys speed: the last 8 of 32 layers without checkpointing.
 [[ -n "${SMOKE:-}" ]] && partial=1 || partial=24  # the tiny shape has 2 layers
 stage 8b-partial "${LIMIT_8B_PARTIAL:-90}" --shape 8b --steps 6 --warmup 2 --skip-trl --checkpoint-layers "$partial" \
   --layouts packed_prefix_shared
+# torch.compile'd decoder layers; the warm-up steps take the compiles (train, and eval for the reference).
+stage 8b-compile "${LIMIT_8B_COMPILE:-150}" --shape 8b --steps 6 --warmup 3 --skip-trl --compile \
+  --layouts packed_prefix_shared
+stage 1b "${LIMIT_1B:-120}" --shape 1b --steps 8 --warmup 2 --check-layouts
 
-for name in 8b 8b-long 1b 8b-partial; do
+for name in 8b 8b-long 8b-partial 8b-compile 1b; do
   if [[ -s "$out/$name.txt" ]]; then
     echo
     echo "### $name"

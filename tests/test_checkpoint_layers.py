@@ -117,7 +117,7 @@ def test_models_without_checkpointing_layers_are_refused():
         def get_decoder(self):
             return self
 
-    with pytest.raises(ConfigError, match="model.checkpoint_layers: partial checkpointing is not supported for remote"):
+    with pytest.raises(ConfigError, match="model.checkpoint_layers: not supported for remote"):
         checkpoint_first_layers(RemoteCode(), 1, "remote")
 
 

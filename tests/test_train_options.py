@@ -35,6 +35,7 @@ def plain_run(llama_dir, train_file, tmp_path_factory):
     ["data.layout=prefix_shared"],
     ["data.layout=packed_prefix_shared", "data.pack_length=256"],
     ["data.layout=packed", "dpo.precompute_reference=true"],
+    ["model.compile=true", "data.layout=prefix_shared"],  # compiled decoder layers: the same numbers
 ], ids=lambda o: "+".join(o))
 def test_options_give_the_plain_run(options, plain_run, llama_dir, train_file, tmp_path, caplog):
     caplog.set_level("INFO")
@@ -42,7 +43,15 @@ def test_options_give_the_plain_run(options, plain_run, llama_dir, train_file, t
     extra = [f"dpo.reference_cache_dir={tmp_path / 'cache'}"]
     config = make_config(llama_dir, train_file, out, "train.max_steps=4", "train.gradient_accumulation_steps=2",
                          "data.eval_fraction=0", *extra, *options)
+    if "model.compile=true" in options:
+        import torch
+
+        torch._dynamo.reset()
     train(config, progress=False)
+    if "model.compile=true" in options:
+        from torch._dynamo.utils import counters
+
+        assert counters["stats"]["unique_graphs"] >= 1  # the layers really ran compiled
     for got, want in zip(train_rows(out), plain_run, strict=True):
         for key in COMPARED:
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
@@ -52,6 +61,34 @@ def test_options_give_the_plain_run(options, plain_run, llama_dir, train_file, t
         caplog.clear()
         train(config, overwrite=True, progress=False)  # a second run (say, another beta) reuses the cache
         assert any("read from" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failing_compile_is_one_line_naming_the_setting(llama_dir, train_file, tmp_path, monkeypatch):
+    """torch.compile fails at the first forward pass (no C++ compiler, no triton); the run says which
+    setting to change instead of printing dynamo's page of traceback."""
+    import torch
+
+    from lora_dpo import modeling
+    from lora_dpo.errors import LoraDpoError
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("C++ compiler not found")
+
+    def compile_with_failing_backend(base, name):
+        for layer in modeling.decoder_layers(base, name, "model.compile"):
+            layer.compile(backend=no_compiler)
+
+    monkeypatch.setattr(modeling, "compile_layers", compile_with_failing_backend)
+    torch._dynamo.reset()
+    config = make_config(llama_dir, train_file, tmp_path / "run", "model.compile=true", "data.eval_fraction=0")
+    with pytest.raises(LoraDpoError) as info:
+        train(config, progress=False)
+    message = str(info.value)
+    assert message.startswith("model.compile: torch.compile failed (BackendCompilerFailed: ")
+    assert "C++ compiler not found" in message and message.endswith("Fix: set model.compile=false, or install what the "
+                                                                      "message names (a C++ compiler for the CPU, "
+                                                                      "triton for a GPU)")
+    assert "\n" not in message
 
 
 def test_length_grouping_reduces_padding_and_still_trains(llama_dir, train_file, tmp_path):
