@@ -82,3 +82,39 @@ def test_gradients_match_naive(model):
     total.backward()
     for name, param in model.named_parameters():
         assert torch.allclose(fast[name], param.grad, atol=1e-4, rtol=1e-3), name
+
+
+def test_vocabulary_logits_exist_only_for_scored_tokens_one_chunk_at_a_time(model):
+    """No op, forward or backward, makes a vocabulary-wide tensor of more than chunk_size rows, and
+    the head runs on the scored tokens only (twice with gradients: checkpointed chunks recompute)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    vocab = model.config.vocab_size
+    biggest = {"rows": 0}
+    head_rows = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if not isinstance(tensor, torch.Tensor) or tensor.untyped_storage().data_ptr() in inputs:
+                    continue  # a view (the head weight transposed has vocab as its last dimension too)
+                if tensor.dim() >= 1 and tensor.shape[-1] == vocab:
+                    biggest["rows"] = max(biggest["rows"], tensor.numel() // vocab)
+                    if func is torch.ops.aten.mm.default:
+                        head_rows.append(tensor.shape[0])
+            return out
+
+    batch = collate(PAIRS, pad_token_id=0)
+    scored = len(batch.target_tokens)  # 29 response tokens; the rows hold 6 x 16 = 96 positions
+    model.zero_grad(set_to_none=True)
+    model.get_output_embeddings().weight.requires_grad_(True)
+    try:
+        with Watch():
+            out = pair_logps(model, batch, chunk_size=8)
+            out.chosen.sum().backward()
+    finally:
+        model.get_output_embeddings().weight.requires_grad_(False)
+    assert biggest["rows"] == 8  # one chunk of logits at a time, never rows x length x vocab
+    assert sum(head_rows) == 2 * scored  # forward, and the checkpointed recompute in backward
