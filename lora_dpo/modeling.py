@@ -180,14 +180,19 @@ def checkpoint_first_layers(base: Any, count: int, name: str) -> None:
 def compile_layers(base: Any, name: str) -> None:
     """torch.compile each decoder layer, LoRA modules included (model.compile).
 
-    Per layer rather than the whole model: the layers share one compiled graph, so compile time
-    does not grow with depth, and the head, the checkpointing wrappers and the log-prob code stay
-    eager. dynamic=True: sequence lengths change every step and must not trigger recompiles. The
-    cost is the first steps' compile time (the training, no-grad reference and evaluation passes
-    each compile once); the gain is fewer, fused kernels in the LoRA and normalisation ops.
-    Module.compile keeps parameter names, so adapters and checkpoints save as without it.
+    Per layer rather than the whole model: identical layers reuse one compiled graph, so compile
+    time does not grow with depth, and the head and the log-prob code stay eager. dynamic=True:
+    sequence lengths change every step and must not each compile. A handful of variants still
+    compile once each: training and the no-grad passes (reference, evaluation), the first layer
+    (its input needs no gradient) and the rest, checkpointed and unchecked layers, and a batch of
+    a single row. That can pass dynamo's default limit of 8, after which it silently runs eager,
+    so the limit is raised for this process. Module.compile keeps parameter names, so adapters
+    and checkpoints save as without it.
     """
+    import torch._dynamo
+
     layers = decoder_layers(base, name, "model.compile")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for layer in layers:
         layer.compile(dynamic=True)
     log.info("compiling %d decoder layers with torch.compile (the first steps are slow while it compiles)", len(layers))

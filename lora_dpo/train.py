@@ -328,6 +328,7 @@ class DpoStep:
         reference = None
         if reference_table is not None:
             reference = reference_table.lookup(indices, self.device)
+            self.phase("reference")
         elif self.use_reference:
             was_training = model.training
             # Eval mode: no dropout on a reference adapter, and no checkpointing wrappers around a

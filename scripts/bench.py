@@ -3,8 +3,8 @@
 
 Builds everything itself, offline: a random-init Llama of the 1B or 8B shape of
 shared/bench/REFERENCE.md (or a tiny one for a CPU smoke run), saved once with save_pretrained
-(under /dev/shm when it exists), a word-level tokenizer in which every word is one token, and
-synthetic pairs of the reference lengths. Then, for every configuration asked for, it times
+(under /dev/shm when it has room, else the temp directory), a word-level tokenizer in which
+every word is one token, and synthetic pairs of the reference lengths. Then, for every configuration asked for, it times
 steady-state optimizer steps:
 
 - lora-dpo: ``lora_dpo.train.DpoStep``, the training loop's own step (collate with the chosen
@@ -30,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -94,12 +95,16 @@ def long_rows(shape: Shape) -> Shape:
 # Model, tokenizer and pairs
 
 
-def default_model_root(shape: Shape) -> Path:
-    """/dev/shm when it can hold the model (containers often give it 64 MB), else the temp directory."""
-    shm = Path("/dev/shm")
+def default_model_root(shape_name: str, shape: Shape) -> Path:
+    """Where an earlier run built this shape already; else /dev/shm when it can hold the model
+    (containers often give it 64 MB), else the temp directory."""
+    shm, temp = Path("/dev/shm"), Path(tempfile.gettempdir())
+    for root in (shm, temp):
+        if is_built(root / f"lora-dpo-bench-{shape_name}", shape):
+            return root
     if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1.2 * model_bytes(shape):
         return shm
-    return Path(tempfile.gettempdir())
+    return temp
 
 
 def model_bytes(shape: Shape) -> int:
@@ -125,13 +130,24 @@ def build_tokenizer(words: int) -> Any:
                                    model_max_length=1 << 20)
 
 
+STAMP = "bench-shape.json"
+
+
+def model_spec(shape: Shape) -> dict[str, Any]:
+    """What decides the saved model (pair lengths and micro-batch do not)."""
+    return {k: v for k, v in dataclasses.asdict(shape).items()
+            if k in ("vocab_size", "hidden_size", "intermediate_size", "layers", "heads", "kv_heads", "tied", "words")}
+
+
+def is_built(directory: Path, shape: Shape) -> bool:
+    stamp = directory / STAMP
+    return stamp.is_file() and json.loads(stamp.read_text()) == model_spec(shape)
+
+
 def build_model_dir(shape_name: str, shape: Shape, root: Path) -> Path:
     """Save a random-init Llama of ``shape`` and its tokenizer once; later runs reuse the directory."""
     directory = root / f"lora-dpo-bench-{shape_name}"
-    stamp = directory / "bench-shape.json"
-    spec = {k: v for k, v in dataclasses.asdict(shape).items() if k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                                      "layers", "heads", "kv_heads", "tied", "words")}
-    if stamp.is_file() and json.loads(stamp.read_text()) == spec:
+    if is_built(directory, shape):
         return directory
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -154,7 +170,7 @@ def build_model_dir(shape_name: str, shape: Shape, root: Path) -> Path:
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    stamp.write_text(json.dumps(spec))  # last, so a half-written directory is never reused
+    (directory / STAMP).write_text(json.dumps(model_spec(shape)))  # last: a half-written directory is never reused
     return directory
 
 
@@ -325,10 +341,12 @@ class PhaseClock:
 
 
 def run_lora_dpo(args: argparse.Namespace, shape: Shape, model_dir: Path, pairs: list[TokenizedPair],
-                 work: Path, device: torch.device, agreement: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                 work: Path, device: torch.device, results: list[dict[str, Any]],
+                 agreement: list[dict[str, Any]]) -> None:
     """Every (layout, reference mode) asked for, on one loaded model; each configuration gets a
-    fresh optimizer and a fresh peak-memory count. With --check-layouts, the layouts' agreement
-    with padded is measured first and appended to ``agreement``."""
+    fresh optimizer, scaler and peak-memory count, and its row is appended to ``results`` as soon
+    as it is measured. With --check-layouts, the layouts' agreement with padded is measured first
+    and appended to ``agreement``."""
     from lora_dpo.train import DpoStep, build_optimizer, build_scheduler  # the training loop's own parts
 
     config = lora_dpo_config(args, shape, model_dir, work)
@@ -336,27 +354,30 @@ def run_lora_dpo(args: argparse.Namespace, shape: Shape, model_dir: Path, pairs:
     tokenizer = load_tokenizer(config.model)
     model = load_model(config, device)
     model.train()
-    scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
     mb = shape.micro_batch
     # Every configuration starts from the same adapter; the copy waits on the CPU so that it does
     # not count towards GPU memory.
     initial = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
     if args.check_layouts:
-        agreement.extend(layout_agreement(model, pairs[:mb], LAYOUTS, autocast_for(device, compute_dtype),
-                                          tokenizer.pad_token_id, config.dpo.logps_chunk_size, args.pack_length, args.seed))
-        for row in agreement:
-            row["dtype"] = str(compute_dtype).removeprefix("torch.")
+        rows = layout_agreement(model, pairs[:mb], LAYOUTS, autocast_for(device, compute_dtype), tokenizer.pad_token_id,
+                                config.dpo.logps_chunk_size, args.pack_length, args.seed)
+        agreement.extend({**row, "dtype": str(compute_dtype).removeprefix("torch.")} for row in rows)
         reset_memory(device)
-    results = []
+    timed = args.warmup + args.steps
+    batches = [list(range(index * mb, (index + 1) * mb)) for index in range(timed + args.breakdown_steps)]
     for reference_mode in args.reference:
         for layout in args.layouts:
             config.data.layout, config.data.pack_length = layout, args.pack_length
+            # Counted before the clock runs: the loop never collates a batch twice.
+            row_tokens = [collate([pairs[i] for i in batch], tokenizer.pad_token_id, layout=layout,
+                                  pack_length=args.pack_length).input_ids.numel() for batch in batches[args.warmup : timed]]
             with torch.no_grad():
                 for name, param in model.named_parameters():
                     if name in initial:
                         param.copy_(initial[name])
             optimizer = build_optimizer(config, trainable_parameters(model), device)
-            scheduler = build_scheduler(config, optimizer, 0, args.warmup + args.steps + args.breakdown_steps)
+            scheduler = build_scheduler(config, optimizer, 0, len(batches))
+            scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
             clock = PhaseClock(device)
             step = DpoStep(config, model, optimizer, scheduler, scaler, device, tokenizer.pad_token_id, phase=clock)
             reset_memory(device)
@@ -369,34 +390,31 @@ def run_lora_dpo(args: argparse.Namespace, shape: Shape, model_dir: Path, pairs:
                                             chunk_size=config.dpo.logps_chunk_size, pack_length=args.pack_length)
             synchronize(device)
             prep_s = time.perf_counter() - prep_started
-            ends, step_tokens, row_tokens = [], [], []
-            timed = args.warmup + args.steps
-            for index in range(timed + args.breakdown_steps):
-                if index == timed:
-                    clock.start()
-                indices = list(range(index * mb, (index + 1) * mb))
-                metrics, _, bad = step(pairs, [indices], table)
+            ends, step_tokens = [], []
+            for index, batch in enumerate(batches[:timed]):
+                metrics, _, bad = step(pairs, [batch], table)
                 ends.append(time.perf_counter())  # DpoStep synchronises the GPU before it returns
                 step_tokens.append(metrics["tokens"])
-                row_tokens.append(collate([pairs[i] for i in indices], tokenizer.pad_token_id, layout=layout,
-                                          pack_length=args.pack_length).input_ids.numel())
                 if bad:
                     raise RuntimeError(f"lora-dpo {layout}/{reference_mode}: non-finite loss at step {index}")
-            phases = {name: seconds / args.breakdown_steps for name, seconds in clock.seconds.items()}
-            results.append({
-                "impl": "lora-dpo", "layout": layout, "reference": reference_mode,
-                **steady_state(ends[:timed], step_tokens[:timed], args.warmup), **peak_memory(device),
-                "row_tokens_per_step": sum(row_tokens[args.warmup : timed]) / args.steps,
-                "prep_s": prep_s, "final_loss": metrics["loss"], "phase_s": phases or None,
-            })
-            print(f"  lora-dpo {layout:<21} {reference_mode:<11} {results[-1]['s_per_step']:.3f} s/step",
+            # Read before the breakdown steps, whose pairs TRL never sees.
+            row = {"impl": "lora-dpo", "layout": layout, "reference": reference_mode,
+                   **steady_state(ends, step_tokens, args.warmup), **peak_memory(device),
+                   "row_tokens_per_step": sum(row_tokens) / args.steps, "prep_s": prep_s,
+                   "final_loss": metrics["loss"]}
+            clock.start()
+            for batch in batches[timed:]:
+                step(pairs, [batch], table)
+            clock.enabled = False  # the profile below is of the step as timed, without the clock's syncs
+            row["phase_s"] = {name: seconds / args.breakdown_steps for name, seconds in clock.seconds.items()} or None
+            results.append(row)
+            print(f"  lora-dpo {layout:<21} {reference_mode:<11} {row['s_per_step']:.3f} s/step",
                   file=sys.stderr, flush=True)
             if args.profile:
                 profile_steps(step, pairs, table, mb, args, device, args.profile / f"lora-dpo-{layout}-{reference_mode}.txt")
             del optimizer, table, step
     del model, initial
     reset_memory(device)
-    return results
 
 
 def profile_steps(step: Any, pairs: list[TokenizedPair], table: Any, mb: int, args: argparse.Namespace,
@@ -409,7 +427,7 @@ def profile_steps(step: Any, pairs: list[TokenizedPair], table: Any, mb: int, ar
     with profile(activities=activities, record_shapes=True) as profiler:
         for index in range(2):
             step(pairs, [list(range(index * mb, (index + 1) * mb))], table)
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=60) + "\n")
 
@@ -427,9 +445,10 @@ def trl_available() -> bool:
 
 
 def run_trl(args: argparse.Namespace, shape: Shape, model_dir: Path, rows: list[dict[str, str]],
-            pairs: list[TokenizedPair], work: Path, device: torch.device) -> list[dict[str, Any]]:
+            pairs: list[TokenizedPair], work: Path, device: torch.device, results: list[dict[str, Any]]) -> None:
     """TRL's DPOTrainer with peft LoRA (r=16, all-linear) on the same 4-bit base and pairs; the
-    reference is the base with adapters disabled, every step or precomputed at trainer creation."""
+    reference is the base with adapters disabled, every step or precomputed at trainer creation.
+    Each reference mode's row is appended to ``results`` as soon as it is measured."""
     import datasets
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
@@ -505,7 +524,6 @@ def run_trl(args: argparse.Namespace, shape: Shape, model_dir: Path, rows: list[
         print(f"  trl {reference_mode:<11} {results[-1]['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
         del trainer, model, clock
         reset_memory(device)
-    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +596,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="untimed steps first (at least 1: the first timed interval starts at the end of warm-up)")
     parser.add_argument("--breakdown-steps", type=at_least(0), default=2,
                         help="lora-dpo steps after the timed ones, with the GPU synchronised after each part of the "
-                             "step, for the per-part times (reference, policy, backward, update); 0 skips them")
+                             "step, for the per-part times (collate, reference, policy, backward, update); 0 skips them")
     parser.add_argument("--profile", type=Path, default=None,
                         help="also profile two lora-dpo steps per configuration with torch.profiler and write the "
                              "top operators to DIR/lora-dpo-LAYOUT-REFERENCE.txt")
@@ -604,7 +622,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-layers", type=at_least(0), default=None,
                         help="lora-dpo only: checkpoint just the first N decoder layers (model.checkpoint_layers); "
                              "TRL keeps checkpointing every layer")
-    parser.add_argument("--model-root", type=Path, default=None, help="where the random model is saved (default /dev/shm)")
+    parser.add_argument("--model-root", type=Path, default=None, help="where the random model is saved (default: where this shape was built before, else "
+                             "/dev/shm when it has room for it, else the temp directory)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     args = parser.parse_args(argv)
@@ -668,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
     run_trl_too = not args.skip_trl and trl_available()
-    model_dir = build_model_dir(args.shape, shape, args.model_root or default_model_root(shape))
+    model_dir = build_model_dir(args.shape, shape, args.model_root or default_model_root(args.shape, shape))
     count = shape.micro_batch * (args.warmup + args.steps + args.breakdown_steps)
     rows = make_rows(shape, count, args.seed)
     pairs = tokenize_rows(rows, build_tokenizer(shape.words), shape)
@@ -678,16 +697,24 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr, flush=True)
     results: list[dict[str, Any]] = []
     agreement: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="lora-dpo-bench-") as scratch:
-        work = Path(scratch)
-        try:
+    stopped = None
+    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lora-dpo-bench-") as scratch:
+            work = Path(scratch)
             if not args.skip_lora_dpo:
-                results += run_lora_dpo(args, shape, model_dir, pairs, work, device, agreement)
-        except LoraDpoError as exc:  # e.g. --checkpoint-layers above the shape's layer count
-            print(f"bench: {exc}", file=sys.stderr)
-            return 2
-        if run_trl_too:
-            results += run_trl(args, shape, model_dir, rows, pairs, work, device)
+                run_lora_dpo(args, shape, model_dir, pairs, work, device, results, agreement)
+            if run_trl_too:
+                run_trl(args, shape, model_dir, rows, pairs, work, device, results)
+    except LoraDpoError as exc:  # e.g. --checkpoint-layers above the shape's layer count
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    except TimeUp:
+        # `timeout` (scripts/gpu_suite.sh) ended the run: report what was measured so far.
+        stopped = "stopped by SIGTERM before every configuration ran; the rows below are those that finished"
+        print(f"bench: {stopped}", file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     add_ratios(results)
     mean_tokens = sum(p.num_tokens for p in pairs) / len(pairs)
     print(f"\n{args.shape}{' (long rows)' if args.long_rows else ''}, {info['device']}, {info['date']}; "
@@ -700,6 +727,8 @@ def main(argv: list[str] | None = None) -> int:
           + ("" if run_trl_too else "; TRL not run (--skip-trl or not installed)"))
     if device.type == "cpu":
         print("CPU run: a smoke test of the code paths; these timings say nothing about GPU throughput.")
+    if stopped:
+        print(f"PARTIAL: {stopped}.")
     print()
     print(table(results))
     if agreement:
@@ -716,11 +745,19 @@ def main(argv: list[str] | None = None) -> int:
                     "checkpoint_layers": args.checkpoint_layers, "compile": args.compile,
                     "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                     "breakdown_steps": args.breakdown_steps,
-                    "mean_tokens_per_pair": mean_tokens, "seed": args.seed}
+                    "mean_tokens_per_pair": mean_tokens, "seed": args.seed, "partial": bool(stopped)}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**info, "settings": settings, "results": results, "layout_agreement": agreement},
                                         indent=2) + "\n")
-    return 0
+    return 124 if stopped else 0
+
+
+class TimeUp(Exception):
+    """SIGTERM arrived (a time limit): stop measuring and report what is done."""
+
+
+def _stop_on_sigterm(number: int, frame: Any) -> None:
+    raise TimeUp
 
 
 if __name__ == "__main__":

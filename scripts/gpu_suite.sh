@@ -40,7 +40,7 @@ stage() {  # stage NAME LIMIT ARGS...: one bench run, its outputs under $out
   fi
   echo "== $name (limit ${limit}s): scripts/bench.py $*"
   local started=$SECONDS
-  timeout "$limit" python3 scripts/bench.py "$@" --json "$out/$name.json" >"$out/$name.txt" 2>"$out/$name.log"
+  timeout -k 30 "$limit" python3 scripts/bench.py "$@" --json "$out/$name.json" >"$out/$name.txt" 2>"$out/$name.log"
   local status=$?
   echo "== $name: exit $status after $((SECONDS - started))s"
   if [[ $status != 0 ]]; then
@@ -60,7 +60,7 @@ PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
 stage 8b-partial "${LIMIT_8B_PARTIAL:-90}" --shape 8b --steps 6 --warmup 2 --skip-trl --checkpoint-layers "$partial" \
   --layouts packed_prefix_shared
 # torch.compile'd decoder layers; the warm-up steps take the compiles (train, and eval for the reference).
-stage 8b-compile "${LIMIT_8B_COMPILE:-150}" --shape 8b --steps 6 --warmup 3 --skip-trl --compile \
+stage 8b-compile "${LIMIT_8B_COMPILE:-240}" --shape 8b --steps 6 --warmup 3 --skip-trl --compile \
   --layouts packed_prefix_shared
 stage 1b "${LIMIT_1B:-120}" --shape 1b --steps 8 --warmup 2 --check-layouts
 

@@ -114,7 +114,8 @@ def test_python_dash_m_and_config_command(tmp_path):
 
 
 def test_commands_ask_for_expandable_cuda_segments_unless_the_user_chose(monkeypatch, capsys):
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # recorded, so the teardown restores the real value
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     assert main(["config", DEMO]) == 0
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
