@@ -344,3 +344,62 @@ def _additive_mask(decoder: torch.nn.Module, allowed: torch.Tensor) -> torch.Ten
         dtype = decoder.get_input_embeddings().weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def score_pairs(model: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, *, micro_batch_size: int,
+                layout: str = "padded", chunk_size: int = 512, pack_length: int | None = None,
+                compute_dtype: torch.dtype = torch.float32, reference: bool = False,
+                progress: Any = None) -> PairLogps:
+    """Summed response log-probs of ``pairs`` in one no-grad pass, row i for pair i.
+
+    The no-grad scoring loop for whole sets of pairs (reference cache, merge verification,
+    evaluation). The pairs are walked longest first in micro-batches of ``micro_batch_size``
+    similar lengths: little padding, and an out-of-memory error shows on the first micro-batch
+    rather than at the end. The pass runs in eval mode (no dropout), and every module's own
+    train/eval mode is restored afterwards; under autocast in ``compute_dtype`` (float32: none).
+    ``reference=True`` scores the reference model instead (``modeling.reference_model``: the
+    trained adapter switched off, or the frozen init adapter on), which needs a peft model.
+    ``progress``, a callable or None, is called after each micro-batch with the number of pairs it
+    scored (e.g. a tqdm bar's ``update``).
+
+    The rows stay on the model's device (float32 sums, int64 token counts), written without a
+    host sync per micro-batch. It scores this process's ``pairs`` only and does not reduce across
+    processes: a distributed caller splits the pairs and gathers the rows itself.
+    """
+    # Imported here, not at the top: the rest of this module has no need of how models are loaded.
+    from contextlib import nullcontext
+
+    from .modeling import autocast_for, reference_model
+
+    if micro_batch_size < 1:
+        raise ValueError("micro_batch_size must be positive")
+    if reference and not hasattr(model, "disable_adapter"):
+        raise ValueError("reference=True needs a peft model (the reference is its adapter switched off)")
+    device = next(model.parameters()).device
+    count = len(pairs)
+    chosen = torch.zeros(count, dtype=torch.float32, device=device)
+    rejected = torch.zeros(count, dtype=torch.float32, device=device)
+    chosen_tokens = torch.zeros(count, dtype=torch.long, device=device)
+    rejected_tokens = torch.zeros(count, dtype=torch.long, device=device)
+    order = sorted(range(count), key=lambda i: layout_length(pairs[i], layout), reverse=True)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    scoring = reference_model(model) if reference else nullcontext()
+    try:
+        with torch.no_grad(), scoring, autocast_for(device, compute_dtype):
+            for start in range(0, count, micro_batch_size):
+                indices = order[start : start + micro_batch_size]
+                batch = collate([pairs[i] for i in indices], pad_token_id, layout=layout,
+                                pack_length=pack_length).to(device)
+                logps = pair_logps(model, batch, chunk_size)
+                rows = torch.tensor(indices, dtype=torch.long).to(device, non_blocking=True)
+                chosen.index_copy_(0, rows, logps.chosen.float())
+                rejected.index_copy_(0, rows, logps.rejected.float())
+                chosen_tokens.index_copy_(0, rows, logps.chosen_tokens)
+                rejected_tokens.index_copy_(0, rows, logps.rejected_tokens)
+                if progress is not None:
+                    progress(len(indices))
+    finally:
+        for module, training in modes:
+            module.training = training
+    return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens)

@@ -20,11 +20,10 @@ from typing import Any, Optional
 
 import torch
 
-from .config import ModelConfig
 from .data import RowError, Text, check_text_field, read_rows
-from .errors import DataError, LoraDpoError, one_line
-from .merge import DTYPES, apply_adapter, check_finished_run, inspect_adapter, load_adapter_tokenizer, load_base
-from .modeling import load_tokenizer, resolve_compute_dtype, resolve_device
+from .errors import DataError, LoraDpoError
+from .modeling import InferenceModel as Generator
+from .modeling import check_finished_run, load_inference_model
 
 SIDE_BY_SIDE_MIN_WIDTH = 80
 
@@ -69,40 +68,13 @@ class SamplingSettings:
         return GenerationConfig(**settings)
 
 
-@dataclass
-class Generator:
-    model: Any
-    tokenizer: Any
-    device: torch.device
-    has_adapter: bool
-    description: str
-
-
 def load_generator(path: str, base: Optional[str], device_name: str, dtype_name: str) -> Generator:
-    """An adapter directory loads as base (as trained) + adapter; anything else as a plain model."""
-    from transformers import AutoModelForCausalLM
-
-    device = resolve_device(device_name, "--device")
-    if (Path(path) / "adapter_config.json").is_file():
-        source = inspect_adapter(path, base)
-        dtype = DTYPES[dtype_name] if dtype_name != "auto" else resolve_compute_dtype(source.model, device)
-        four_bit = source.model.load_in_4bit
-        tokenizer = load_adapter_tokenizer(source)  # first: seconds to fail, where the model takes minutes
-        model = apply_adapter(load_base(source.model, device, dtype, four_bit=four_bit), source)
-        what = f"{'4-bit' if four_bit else '16-bit'} {source.model.name_or_path} + adapter {path}"
-        return Generator(model, tokenizer, device, True, what)
-    check_finished_run(Path(path))  # an interrupted training run: name its checkpoint, not "a model directory"
-    if base:
+    """``generate MODEL [--base BASE]``: an adapter directory on its base (or BASE), else a plain model."""
+    if base and not (Path(path) / "adapter_config.json").is_file():
+        check_finished_run(Path(path))  # an interrupted training run: name its checkpoint, not the flag
         raise LoraDpoError(f"--base applies to adapter directories, and {path} holds no adapter_config.json. "
                            "Fix: drop --base, or point at an adapter directory")
-    fix = "point at a model directory, a merged model, or an adapter directory"
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=path), fix)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES.get(dtype_name, "auto"),
-                                                     device_map={"": str(device)})
-    except (OSError, ValueError) as exc:
-        raise LoraDpoError(f"{path}: cannot load the model ({one_line(exc)}). Fix: {fix}") from None
-    return Generator(model.eval(), tokenizer, device, False, path)
+    return load_inference_model(base or path, path if base else None, device=device_name, dtype=dtype_name)
 
 
 def read_prompts(prompts: list[str], prompts_file: Optional[str], column: str) -> list[Text]:

@@ -3,18 +3,27 @@
 The policy and the reference are one model: the reference is the same base with the trainable
 adapter switched off (or, when training starts from an SFT adapter, with a frozen copy of that
 adapter switched on instead), so the GPU holds one set of base weights.
+
+One function, ``load_base``, loads every base: training adds a trainable adapter on top
+(``load_model``); merging, generation and the inference commands add a saved adapter, read with
+``inspect_adapter`` so that the base is loaded the way the run trained it
+(``load_inference_model``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
-from .config import Config, ModelConfig
+from .checkpoint import complete_checkpoints
+from .config import Config, ModelConfig, load_config
 from .errors import ConfigError, LoraDpoError, one_line
 
 log = logging.getLogger(__name__)
@@ -72,32 +81,52 @@ def _not_found(name: str, what: str, exc: Exception,
             f"({type(exc).__name__}). Fix: check the name, your network or HF_HUB_OFFLINE, or download the model first")
 
 
-def load_model(config: Config, device: torch.device) -> Any:
-    """The base (4-bit NF4 unless disabled) with a trainable LoRA adapter named 'default'."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+def load_base(model_config: ModelConfig, device: torch.device, dtype: torch.dtype | str, *,
+              attn_implementation: str | None, four_bit: bool | None = None, what: str = "model",
+              fix: str = "point at a model directory saved with save_pretrained") -> Any:
+    """The base causal LM of ``model_config`` as training loads it, in eval mode, all on ``device``.
+
+    In 4-bit NF4 (``four_bit``, default ``model_config.load_in_4bit``) with the run's quantization
+    settings, computing in ``dtype`` (non-quantized weights such as embeddings, norms and the head
+    are held in it too); otherwise unquantized in ``dtype`` ("auto": as the checkpoint was saved).
+    On CPU, 4-bit layers keep the layout whose backward is exact (``keep_cpu_4bit_trainable``).
+    ``attn_implementation`` is explicit at every call: training passes the run's kernel, while a
+    merge passes None (transformers' default), so a CPU merge of a flash-attention run needs no
+    flash-attn. ``what`` and ``fix`` word the one-line error when the model cannot be read.
+    """
     from transformers import AutoModelForCausalLM
 
-    model_config = config.model
-    compute_dtype = resolve_compute_dtype(model_config, device)
-    kwargs: dict[str, Any] = dict(
-        revision=model_config.revision,
-        trust_remote_code=model_config.trust_remote_code,
-        attn_implementation=model_config.attn_implementation,
-        dtype=compute_dtype,
-        device_map={"": str(device)},
-    )
-    if model_config.load_in_4bit:
-        kwargs["quantization_config"] = four_bit_config(model_config, compute_dtype)
+    four_bit = model_config.load_in_4bit if four_bit is None else four_bit
+    if four_bit and not isinstance(dtype, torch.dtype):
+        raise ValueError("a 4-bit base needs its compute dtype")
+    kwargs: dict[str, Any] = dict(revision=model_config.revision, trust_remote_code=model_config.trust_remote_code,
+                                  dtype=dtype, device_map={"": str(device)})
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if four_bit:
+        kwargs["quantization_config"] = four_bit_config(model_config, dtype)
     try:
         base = AutoModelForCausalLM.from_pretrained(model_config.name_or_path, **kwargs)
     except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
-        raise ConfigError(f"model.attn_implementation={model_config.attn_implementation}: {one_line(exc)}. "
+        if attn_implementation is None:
+            raise
+        raise ConfigError(f"model.attn_implementation={attn_implementation}: {one_line(exc)}. "
                           "Fix: install what it names, or use model.attn_implementation=sdpa",
                           key="model.attn_implementation") from None
     except (OSError, ValueError) as exc:
-        raise LoraDpoError(_not_found(model_config.name_or_path, "model", exc)) from None
-    if model_config.load_in_4bit and device.type == "cpu":
+        raise LoraDpoError(_not_found(model_config.name_or_path, what, exc, fix)) from None
+    if four_bit and device.type == "cpu":
         keep_cpu_4bit_trainable(base)
+    return base.eval()
+
+
+def load_model(config: Config, device: torch.device) -> Any:
+    """The base (4-bit NF4 unless disabled) with a trainable LoRA adapter named 'default'."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model_config = config.model
+    base = load_base(model_config, device, resolve_compute_dtype(model_config, device),
+                     attn_implementation=model_config.attn_implementation)
     base.config.use_cache = False
     if model_config.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings
@@ -250,3 +279,188 @@ def save_adapter(model: Any, directory: str | Path) -> None:
 
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapter directories: a trained adapter, loaded on its base the way the run trained it
+
+TRAINING_CONFIG = "config.yaml"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BASE_FIX = "pass --base with the local directory or hub id of the model the adapter was trained on"
+
+
+@dataclass
+class AdapterSource:
+    """A checked adapter directory and what is known about the run that produced it."""
+
+    directory: Path
+    model: ModelConfig
+    """How training loaded the base (from config.yaml, or the project defaults), naming the base to use."""
+    training: Optional[Config]
+    """The run's resolved config.yaml, when the directory (or, for a checkpoint, its run) holds one."""
+    tokenizer_path: str
+    weights: dict[str, torch.Tensor] = field(repr=False)
+
+
+def inspect_adapter(directory: str | Path, base: str | None = None) -> AdapterSource:
+    """Check an adapter directory before any model is loaded; ``base`` overrides the base it names."""
+    directory = Path(directory)
+    config_file = directory / "adapter_config.json"
+    if not config_file.is_file():
+        check_finished_run(directory)
+        raise LoraDpoError(f"{directory}: no adapter_config.json here. Fix: point at the output.dir of a "
+                           "training run (or any directory written by peft's save_pretrained)")
+    try:
+        adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LoraDpoError(f"{config_file}: not valid JSON ({one_line(exc)}). "
+                           "Fix: restore the file from the training run") from None
+    if not isinstance(adapter_config, dict) or adapter_config.get("peft_type") != "LORA":
+        kind = adapter_config.get("peft_type") if isinstance(adapter_config, dict) else None
+        raise LoraDpoError(f"{config_file}: peft_type is {kind!r}, only LORA adapters can be merged. "
+                           "Fix: point at a LoRA adapter directory")
+    weights = _read_adapter_weights(directory)
+
+    # A checkpoint-STEP directory holds the adapter only; its run's config and tokenizer are one level up.
+    run_dirs = [directory] + ([directory.parent] if directory.name.startswith("checkpoint-") else [])
+    training = None
+    for run_dir in run_dirs:
+        if (run_dir / TRAINING_CONFIG).is_file():
+            training = load_config(run_dir / TRAINING_CONFIG)
+            break
+    named_base = adapter_config.get("base_model_name_or_path")
+    if not base and not named_base:
+        raise LoraDpoError(f"{config_file}: names no base model (base_model_name_or_path). Fix: pass --base")
+    model = training.model if training is not None else ModelConfig()
+    same_base = not base or base == model.name_or_path
+    model = dataclasses.replace(model, name_or_path=base or named_base, init_adapter=None,
+                                revision=model.revision if same_base else None)
+    with_tokenizer = [str(d) for d in run_dirs if (d / "tokenizer_config.json").is_file()]
+    tokenizer_path = with_tokenizer[0] if with_tokenizer else model.name_or_path
+    return AdapterSource(directory, model, training, tokenizer_path, weights)
+
+
+def check_finished_run(directory: Path) -> None:
+    """Refuse a training run that stopped early with a message naming the checkpoint to use instead.
+
+    Training writes the adapter to the top of output.dir only when it finishes; an interrupted run
+    holds config.yaml (written before the first step) and checkpoint-STEP directories, each with an
+    adapter of its own. A model directory (config.json) is never one, even with checkpoint-STEP
+    directories of its own, as transformers' Trainer leaves them.
+    """
+    if not (directory / TRAINING_CONFIG).is_file() or (directory / "config.json").is_file():
+        return
+    complete = complete_checkpoints(directory)
+    if complete:
+        raise LoraDpoError(f"{directory}: the run did not finish (no adapter_config.json at the top, only "
+                           f"checkpoints). Fix: use {complete[-1]}, the newest complete checkpoint, or finish the "
+                           "run with lora-dpo train CONFIG --resume")
+    raise LoraDpoError(f"{directory}: the run did not finish and saved no complete checkpoint (none holds "
+                       "trainer_state.json), so it has no adapter yet. Fix: train it again with "
+                       "lora-dpo train CONFIG --overwrite")
+
+
+def _read_adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = directory / "adapter_model.safetensors"
+    if not path.is_file():
+        raise LoraDpoError(f"{directory}: no adapter_model.safetensors here. Fix: point at a finished training "
+                           "run (checkpoints and the final output.dir hold one)")
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise LoraDpoError(f"{path}: cannot read the adapter weights, the file looks corrupted or cut off "
+                           f"({one_line(exc)}). Fix: copy it again from the training run") from None
+    if not weights:
+        raise LoraDpoError(f"{path}: holds no tensors. Fix: copy it again from the training run")
+    broken = [name for name, tensor in weights.items() if not torch.isfinite(tensor).all()]
+    if broken:
+        raise LoraDpoError(f"{path}: {len(broken)} tensors hold NaN or inf (first: {broken[0]}), training diverged. "
+                           "Fix: retrain with a lower train.learning_rate, or use an earlier checkpoint")
+    return weights
+
+
+def apply_adapter(base_model: Any, source: AdapterSource) -> Any:
+    """The base with the adapter loaded (not merged), refusing an adapter that does not fit the base."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    try:
+        model = PeftModel.from_pretrained(base_model, str(source.directory), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise LoraDpoError(f"{source.directory}: the adapter does not fit the base {source.model.name_or_path} "
+                           f"({one_line(exc)}). Fix: pass --base with the model the adapter was trained on") from None
+    # peft loads whatever keys match and only warns about the rest; a partial adapter must not pass.
+    # Only the LoRA matrices are compared: they are what a merge uses, and what every adapter holds.
+    loaded = {key for key in get_peft_model_state_dict(model, save_embedding_layers=False) if ".lora_" in key}
+    expected = {key for key in source.weights if ".lora_" in key}
+    if loaded != expected:
+        odd = sorted(expected - loaded) or sorted(loaded - expected)
+        raise LoraDpoError(f"{source.directory}: the adapter weights do not match the layers it adapts in "
+                           f"{source.model.name_or_path} ({len(expected - loaded)} unused, {len(loaded - expected)} "
+                           f"missing, e.g. {odd[0]}). Fix: pass --base with the model the adapter was trained on")
+    return model.eval()
+
+
+def load_adapter_tokenizer(source: AdapterSource) -> Any:
+    """The tokenizer training used: the run directory's copy, else the base's."""
+    from_base = source.tokenizer_path == source.model.name_or_path
+    fix = BASE_FIX if from_base else "copy the tokenizer files again from the training run"
+    return load_tokenizer(dataclasses.replace(source.model, name_or_path=source.tokenizer_path,
+                                           revision=source.model.revision if from_base else None), fix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: a ready model and tokenizer for generation and scoring
+
+
+@dataclass
+class InferenceModel:
+    """A loaded model with its tokenizer, ready to generate or score."""
+
+    model: Any
+    """In eval mode. With an adapter it is a peft model whose adapter ``reference_model(model)``
+    (or peft's ``disable_adapter()``) switches off, giving the reference's answers."""
+    tokenizer: Any
+    device: torch.device
+    has_adapter: bool
+    description: str
+    """What was loaded, as a header line says it: e.g. ``4-bit BASE + adapter DIR``."""
+
+
+def load_inference_model(model_path: str | None, adapter: str | None = None, *, device: str | torch.device = "auto",
+                         dtype: str | torch.dtype = "auto", attn_implementation: str | None = None) -> InferenceModel:
+    """A model (a base or a merged model) or a base + adapter, loaded for inference as it was trained.
+
+    With ``adapter`` (a training run's output.dir, one of its checkpoints, or any peft LoRA
+    directory) the base is ``model_path``, or when that is None the base the adapter names, loaded
+    as the run's config.yaml says (4-bit NF4 when training was 4-bit, with its quantization
+    settings) with the adapter on top, unmerged; ``dtype`` "auto" is the run's compute dtype.
+    Without ``adapter``, a ``model_path`` holding adapter_config.json is taken as the adapter on
+    the base it names, and anything else loads as a plain model in ``dtype`` ("auto": as saved).
+    The tokenizer is the one training used (the run directory's copy, else the base's); it is
+    loaded first, so a wrong path fails in seconds rather than after minutes of loading.
+    ``attn_implementation`` None is transformers' default kernel (sdpa), which any device runs.
+    """
+    target = device if isinstance(device, torch.device) else resolve_device(device, "--device")
+    chosen = DTYPES[dtype] if isinstance(dtype, str) and dtype != "auto" else dtype
+    if adapter is None and model_path is not None and (Path(model_path) / "adapter_config.json").is_file():
+        model_path, adapter = None, model_path
+    if adapter is not None:
+        source = inspect_adapter(adapter, model_path)
+        compute_dtype = resolve_compute_dtype(source.model, target) if chosen == "auto" else chosen
+        four_bit = source.model.load_in_4bit
+        tokenizer = load_adapter_tokenizer(source)
+        base = load_base(source.model, target, compute_dtype, attn_implementation=attn_implementation,
+                         what="base model", fix=BASE_FIX)
+        what = f"{'4-bit' if four_bit else '16-bit'} {source.model.name_or_path} + adapter {adapter}"
+        return InferenceModel(apply_adapter(base, source), tokenizer, target, True, what)
+    if model_path is None:
+        raise ValueError("load_inference_model needs a model path, an adapter directory, or both")
+    check_finished_run(Path(model_path))  # an interrupted training run: name its checkpoint, not "a model directory"
+    fix = "point at a model directory, a merged model, or an adapter directory"
+    plain = ModelConfig(name_or_path=model_path, load_in_4bit=False)
+    tokenizer = load_tokenizer(plain, fix)
+    model = load_base(plain, target, chosen, attn_implementation=attn_implementation, fix=fix)
+    return InferenceModel(model, tokenizer, target, False, model_path)

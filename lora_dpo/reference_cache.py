@@ -31,10 +31,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .batching import PairLogps, collate, layout_length, pair_logps
+from .batching import PairLogps, score_pairs
 from .data import TokenizedPair
 from .errors import LoraDpoError
-from .modeling import autocast_for, reference_model
 
 log = logging.getLogger(__name__)
 
@@ -100,31 +99,11 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
 def compute_reference_logps(model: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, compute_dtype: torch.dtype,
                             micro_batch_size: int = 8, layout: str = "padded", chunk_size: int = 512,
                             pack_length: int | None = None) -> ReferenceTable:
-    """One no-grad pass of the reference model over ``pairs``; rows follow the order of ``pairs``."""
-    if micro_batch_size < 1:
-        raise ValueError("micro_batch_size must be positive")
-    device = next(model.parameters()).device
-    autocast = autocast_for(device, compute_dtype)
-    count = len(pairs)
-    chosen, rejected = torch.zeros(count, dtype=torch.float32), torch.zeros(count, dtype=torch.float32)
-    chosen_tokens, rejected_tokens = torch.zeros(count, dtype=torch.long), torch.zeros(count, dtype=torch.long)
-    order = sorted(range(count), key=lambda i: layout_length(pairs[i], layout), reverse=True)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), reference_model(model), autocast:
-            for start in range(0, count, micro_batch_size):
-                indices = order[start : start + micro_batch_size]
-                batch = collate([pairs[i] for i in indices], pad_token_id, layout=layout, pack_length=pack_length).to(device)
-                logps = pair_logps(model, batch, chunk_size)
-                rows = torch.tensor(indices, dtype=torch.long)
-                chosen[rows] = logps.chosen.float().cpu()
-                rejected[rows] = logps.rejected.float().cpu()
-                chosen_tokens[rows] = logps.chosen_tokens.cpu()
-                rejected_tokens[rows] = logps.rejected_tokens.cpu()
-    finally:
-        model.train(was_training)
-    return ReferenceTable(chosen, rejected, chosen_tokens, rejected_tokens)
+    """One no-grad pass of the reference model over ``pairs`` (``batching.score_pairs``), on the CPU;
+    rows follow the order of ``pairs``."""
+    logps = score_pairs(model, pairs, pad_token_id, micro_batch_size=micro_batch_size, layout=layout,
+                        chunk_size=chunk_size, pack_length=pack_length, compute_dtype=compute_dtype, reference=True)
+    return ReferenceTable(*(getattr(logps, name).cpu() for name in TENSOR_NAMES))
 
 
 # ---------------------------------------------------------------------------------------------

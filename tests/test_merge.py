@@ -40,6 +40,25 @@ def run4(tmp_path_factory, llama_dir, demo_rows):
     return tmp / "run"
 
 
+def scaled_copy(run, destination, scale):
+    """``run`` with its adapter's update s*B@A scaled by ``scale`` (lora_B scaled): same base, data and config."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run, destination, ignore=shutil.ignore_patterns("checkpoint-*"))
+    weights = load_file(str(run / "adapter_model.safetensors"))
+    save_file({k: v * scale if ".lora_B." in k else v for k, v in weights.items()},
+              str(destination / "adapter_model.safetensors"))
+    return destination
+
+
+@pytest.fixture(scope="module")
+def small4(run4, tmp_path_factory):
+    """A 4-bit-trained adapter as small as the shipped configs' rate leaves one after a few steps:
+    run4's update scaled by 1e-4 moves the held-out log-probs by about 8e-5 nats per token (10 steps
+    at learning rate 5e-6 measured 4e-4 on this model). Scaled rather than trained: seconds, not a minute."""
+    return scaled_copy(run4, tmp_path_factory.mktemp("small4") / "run", 1e-4)
+
+
 def logits(model, tokenizer, text=TEXT):
     ids = tokenizer(text, return_tensors="pt")
     with torch.no_grad():
@@ -98,8 +117,11 @@ def test_fp32_merge_equals_base_plus_adapter(run16, llama_dir, tokenizer, tmp_pa
     assert check["reference"].startswith("16-bit base + adapter")
     assert check["logp_abs_diff_max"] < 1e-3 and check["logp_abs_diff_per_token"] < 1e-5
     assert check["decision_agreement"] == 1.0 and check["flipped_pairs"] == []
+    assert check["adapter_effect_per_token"] > 0.05 and check["adapter_kept"] > 1 - 1e-4  # exact merge
+    assert check["adapter_error_per_token"] == pytest.approx(check["logp_abs_diff_per_token"], abs=1e-6)
     assert check["passed"] is True and check["warning"] is None
     assert "verification on 8 held-out pairs" in printed and "WARNING" not in printed
+    assert "of which the merge keeps 100.0% (at least 75% required)" in printed
 
 
 def test_dequantized_merge_reproduces_the_trained_4bit_model(run4, llama_dir, tokenizer, tmp_path):
@@ -138,7 +160,7 @@ def test_dequantized_merge_reproduces_the_trained_4bit_model(run4, llama_dir, to
     check = report["verification"]
     assert check["reference"].startswith("4-bit NF4 base + adapter") and check["pairs"] == 6
     assert check["data"].endswith("eval.jsonl") and check["passed"] is True
-    assert check["logp_abs_diff_per_token"] < 1e-5
+    assert check["logp_abs_diff_per_token"] < 1e-5 and check["adapter_kept"] > 1 - 1e-4
 
 
 def test_original_merge_of_a_4bit_adapter_reports_the_gap(run4, tmp_path, capsys):
@@ -153,14 +175,116 @@ def test_original_merge_of_a_4bit_adapter_reports_the_gap(run4, tmp_path, capsys
     report = json.loads((out / "merge_report.json").read_text())
     check = report["verification"]
     assert set(check) == {"reference", "data", "pairs", "logp_abs_diff_mean", "logp_abs_diff_max",
-                          "logp_abs_diff_per_token", "decision_agreement", "flipped_pairs", "reference_accuracy",
-                          "merged_accuracy", "max_logp_diff", "passed", "warning"}
-    assert check["pairs"] == 4 and check["max_logp_diff"] == 1e-4
+                          "logp_abs_diff_per_token", "adapter_effect_per_token", "adapter_error_per_token",
+                          "adapter_kept", "decision_agreement", "flipped_pairs", "reference_accuracy",
+                          "merged_accuracy", "max_logp_diff", "min_adapter_kept", "passed", "warning"}
+    assert check["pairs"] == 4 and check["max_logp_diff"] == 1e-4 and check["min_adapter_kept"] == 0.75
     assert check["logp_abs_diff_per_token"] > 1e-4 and check["passed"] is False and "nats per token" in check["warning"]
+    # A large adapter survives bfloat16 rounding: the model differs from the trained one (a warning),
+    # but it still does what the adapter does (no failure).
+    assert check["adapter_effect_per_token"] > 0.05 and check["adapter_kept"] > 0.9
     assert check["logp_abs_diff_max"] >= check["logp_abs_diff_mean"] > 0
     assert report["dtype"] == "bfloat16" and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
         assert {handle.get_tensor(key).dtype for key in handle.keys()} == {torch.bfloat16}
+
+
+def test_merge_that_drops_a_small_adapter_fails_and_writes_nothing(small4, tmp_path, monkeypatch):
+    """The merged model is the bare base: it differs from the trained model by only the adapter's
+    small effect, far under the absolute threshold, so only comparing with that effect catches it."""
+    from peft.tuners.lora import LoraModel
+
+    from lora_dpo.merge import MergeCheckFailed, merge_adapter
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous")
+    monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *args, **kwargs: self.unload())
+    with pytest.raises(MergeCheckFailed) as failed:
+        merge_adapter(small4, out, overwrite=True)
+    check = failed.value.verification
+    assert check.adapter_kept == 0 and check.adapter_lost and check.passed is False  # exactly the base's scores
+    assert 1e-5 < check.adapter_effect_per_token == check.adapter_error_per_token
+    assert check.logp_abs_diff_per_token < 0.01  # what the absolute check alone passed
+    message = str(failed.value)
+    assert f"{small4}: the merged model keeps 0% of what the adapter changes on 6 held-out pairs" in message
+    assert f"so nothing was written to {out}" in message and "--no-verify saves the merge unchecked" in message
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and partial_dirs(tmp_path) == []
+
+
+def test_bfloat16_merge_that_rounds_a_small_adapter_away_fails(small4, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["merge", str(small4), "--out", str(out), "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "of what the adapter changes on 6 held-out pairs" in err
+    assert "Fix: merge with --dtype float32 (bfloat16 rounding loses most of an update this small)" in err
+    assert not out.exists() and partial_dirs(tmp_path) == []
+
+
+def test_correct_merge_of_a_small_adapter_passes_with_both_figures(small4, tmp_path, capsys):
+    """The default merge (original weights, float32) of a small 4-bit-trained adapter: the merged
+    model differs from the trained 4-bit one by the quantization gap, dozens of times the adapter's
+    effect, yet it keeps that effect; the dequantized merge keeps it exactly."""
+    out = tmp_path / "merged"
+    assert main(["merge", str(small4), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    check = json.loads((out / "merge_report.json").read_text())["verification"]
+    effect, error = check["adapter_effect_per_token"], check["adapter_error_per_token"]
+    assert 1e-5 < effect < 1e-3 and check["logp_abs_diff_per_token"] > 10 * effect
+    assert check["adapter_kept"] == pytest.approx(1 - error / effect) and check["adapter_kept"] > 0.9
+    assert check["passed"] is True and check["warning"] is None
+    assert f"adapter effect: {effect:.4g} nats per token, of which the merge keeps" in printed
+
+    exact = tmp_path / "exact"
+    assert main(["merge", str(small4), "--out", str(exact), "--base-weights", "dequantized"]) == 0
+    check = json.loads((exact / "merge_report.json").read_text())["verification"]
+    assert check["adapter_effect_per_token"] == pytest.approx(effect, rel=1e-4)
+    assert check["adapter_kept"] > 0.99 and check["logp_abs_diff_per_token"] < 1e-6  # float32 rounding only
+
+
+def test_adapter_that_changes_nothing_is_reported_not_divided_by_zero(run4, tmp_path, capsys):
+    noop = scaled_copy(run4, tmp_path / "noop", 0.0)  # B = 0: what an adapter is before its first step
+    out = tmp_path / "merged"
+    assert main(["merge", str(noop), "--out", str(out), "--base-weights", "dequantized"]) == 0
+    printed = capsys.readouterr().out
+    check = json.loads((out / "merge_report.json").read_text())["verification"]
+    assert check["adapter_effect_per_token"] == 0 and check["adapter_kept"] is None
+    assert check["passed"] is True and "too little to tell whether the merge kept it" in check["warning"]
+    assert "too small to measure what the merge kept" in printed and "WARNING: the adapter changes" in printed
+
+
+def test_verification_figures_by_hand():
+    from lora_dpo.batching import PairLogps
+    from lora_dpo.merge import compare_scores
+
+    def scores(chosen, rejected, tokens=(5, 5)):
+        return PairLogps(torch.tensor(chosen), torch.tensor(rejected), torch.tensor([tokens[0]] * len(chosen)),
+                         torch.tensor([tokens[1]] * len(rejected)))
+
+    # Two pairs, 20 response tokens, values exact in float32. The adapter adds +0.25 to each chosen
+    # and -0.25 to each rejected log-prob: effect 4 x 0.25 / 20 = 0.05 per token.
+    base = scores([-10.0, -12.0], [-11.0, -13.0])
+    trained = scores([-9.75, -11.75], [-11.25, -13.25])
+    kwargs = dict(reference_name="r", data_name="d")
+    # A merge into other base weights (every log-prob 0.5 lower) that keeps the adapter's change exactly.
+    shifted_base = scores([-10.5, -12.5], [-11.5, -13.5])
+    shifted = scores([-10.25, -12.25], [-11.75, -13.75])
+    check = compare_scores(trained, base, shifted, shifted_base, **kwargs)
+    assert check.adapter_effect_per_token == 0.05 and check.adapter_error_per_token == 0 and check.adapter_kept == 1
+    assert check.logp_abs_diff_per_token == 0.1  # the base gap: a warning, not a failure
+    assert not check.adapter_lost and check.passed is False and "0.1 nats per token" in check.warning
+    # Dropped: the merged model is its base. Half kept: the merge moves each log-prob by 0.125.
+    dropped = compare_scores(trained, base, base, base, **kwargs)
+    assert dropped.adapter_kept == 0 and dropped.adapter_lost
+    assert dropped.logp_abs_diff_per_token == 0.05  # M = E: under a 0.1 threshold it would pass
+    half_kept = scores([-9.875, -11.875], [-11.125, -13.125])
+    half = compare_scores(trained, base, half_kept, base, **kwargs)
+    assert half.adapter_kept == 0.5 and half.adapter_lost
+    assert not compare_scores(trained, base, half_kept, base, min_adapter_kept=0.5, **kwargs).adapter_lost
+    nan = compare_scores(trained, base, scores([float("nan"), -11.875], [-11.125, -13.125]), base, **kwargs)
+    assert nan.adapter_lost and nan.passed is False
+    nothing = compare_scores(base, base, shifted_base, shifted_base, **kwargs)
+    assert nothing.adapter_effect_per_token == 0 and nothing.adapter_kept is None and not nothing.adapter_lost
 
 
 def test_checkpoint_directory_uses_its_runs_config(run16, tmp_path):
