@@ -30,9 +30,9 @@ each row's generator, and argmax(filtered logits + noise) is distributed exactly
 softmax(filtered logits). Each row draws one noise vector per step from its own generator, so
 its random numbers depend only on (seed, i, j, step), whatever the batch size, order or
 neighbours. What still can differ between batchings is floating point: a padded batch computes
-the logits in a different order than a single row (differences of ~1e-6 in float32, more in
-bfloat16), which flips a choice only where two candidates are within that distance; on CPU in
-float32 the tests see identical tokens for every batching. Noise from a CUDA generator differs
+the logits in a different order than a single row (rounding-level differences, larger in
+bfloat16 than in float32), which flips a choice only where two candidates' noisy scores are that
+close; on CPU in float32 the tests see identical tokens for every batching. Noise from a CUDA generator differs
 from a CPU one: the same seed gives the same answers on the same device type.
 ``temperature=0`` is plain greedy decoding (no noise, ``seed`` unused).
 
@@ -48,7 +48,8 @@ longest first (a batch that does not fit in memory fails in the first seconds, n
 and the n samples of one prompt are rows of one batch where they fit (``batch_size >= n``).
 Memory grows with batch_size x (longest prompt + max_new_tokens) for the KV cache; a batch runs
 until its slowest row stops, so very unequal answer lengths waste some of a batch. The per-row
-noise costs batch_size random vectors of vocabulary size per step, small beside a forward pass.
+noise costs one random vector of vocabulary size per row and step (one kernel launch per row;
+not benchmarked against the forward pass).
 For long jobs, call ``sample`` per chunk of prompts (a few batches each) and write each chunk:
 that loses little to sorting and nothing to a crash.
 
