@@ -19,6 +19,18 @@ DEMO_PRETRAIN_STEPS = 300
 DEMO_PROMPTS = ("Can you tell me about bread?", "Why do people like owls?", "Give me a tip about snow.")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that ends with "(default: X)" where a default says something: not for on/off flags,
+    options unset by default, or repeatable options."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == [] or action.default == argparse.SUPPRESS
+        if "%(default)" in text or not action.option_strings or unset:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-dpo", description="DPO training of 4-bit LoRA adapters on one GPU.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -59,24 +71,35 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     merge.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
-    generate = commands.add_parser("generate", help="sample from a model, or from base + adapter (docs/merge.md)")
+    generate = commands.add_parser("generate", help="sample from a model, or from base + adapter (docs/merge.md)",
+                                   formatter_class=DefaultsHelpFormatter)
     generate.add_argument("model", help="adapter directory (runs base + adapter), merged model directory, or any model")
     generate.add_argument("--base", help="base model for an adapter directory (default: the one it names)")
     generate.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     generate.add_argument("--prompts", help="file of prompts: .txt (one per line) or .jsonl/.json/.parquet rows")
     generate.add_argument("--prompt-column", default="prompt", help="column of the prompt in a --prompts data file")
+    generate.add_argument("--on-bad-row", default="error", choices=["error", "skip"],
+                          help="a bad --prompts row stops the command, or is skipped and counted")
     generate.add_argument("--compare", action="store_true", help="answer with the base and with base + adapter, side by side")
     generate.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
-    generate.add_argument("--max-new-tokens", type=int, default=256)
-    generate.add_argument("--temperature", type=float, default=0.7, help="0 decodes greedily")
-    generate.add_argument("--top-p", type=float, default=0.9)
-    generate.add_argument("--top-k", type=int, default=50, help="0 disables top-k")
-    generate.add_argument("--repetition-penalty", type=float, default=1.0)
-    generate.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt reseeds, so answers repeat)")
+    generate.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    generate.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 decodes greedily")
+    generate.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling; 1 disables it")
+    generate.add_argument("--top-k", type=int, default=50, help="top-k sampling; 0 disables it")
+    generate.add_argument("--repetition-penalty", type=float, default=1.0, help="transformers' repetition penalty; 1 disables it")
+    generate.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                          help="also end an answer where this text appears (repeatable)")
+    generate.add_argument("--num-samples", type=int, default=1, help="answers per prompt (needs --temperature above 0)")
+    generate.add_argument("--seed", type=int, default=0,
+                          help="sampling seed; each answer has its own stream from (seed, prompt, sample), so "
+                          "reruns repeat their answers whatever --batch-size")
+    generate.add_argument("--batch-size", type=int, default=8,
+                          help="sequences (prompts x samples) generated together; more is faster and needs more memory")
     generate.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                           help="compute dtype (auto: as trained for an adapter, as saved for a model)")
-    generate.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    generate.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="where to run the model")
     generate.add_argument("--output", help="also write the answers to this .jsonl file")
+    generate.add_argument("--no-progress", action="store_true", help="no progress bar")
     generate.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 

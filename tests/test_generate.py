@@ -50,11 +50,13 @@ def answers(path):
 def test_adapter_compare_and_merged_model_agree(adapter_dir, merged_dir, llama_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
-    greedy = ["--temperature", "0", "--max-new-tokens", "8", "--device", "cpu"]
+    # Sampled, not greedy: the base answers of --compare repeat the base model's only if both use
+    # the same random streams.
+    sampled = ["--temperature", "1.0", "--max-new-tokens", "8", "--device", "cpu", "--seed", "3"]
     for name, model in (("adapter", adapter_dir), ("merged", merged_dir), ("base", llama_dir)):
-        assert main(["generate", str(model), "--prompts", str(prompts), "--output", str(tmp_path / f"{name}.jsonl"), *greedy]) == 0
+        assert main(["generate", str(model), "--prompts", str(prompts), "--output", str(tmp_path / f"{name}.jsonl"), *sampled]) == 0
     assert main(["generate", str(adapter_dir), "--prompts", str(prompts), "--compare",
-                 "--output", str(tmp_path / "compare.jsonl"), *greedy]) == 0
+                 "--output", str(tmp_path / "compare.jsonl"), *sampled]) == 0
     printed = capsys.readouterr().out
 
     adapter = [row["response"] for row in answers(tmp_path / "adapter.jsonl")]
@@ -71,31 +73,34 @@ def test_adapter_compare_and_merged_model_agree(adapter_dir, merged_dir, llama_d
 
 
 def test_prompts_render_as_in_training(tokenizer):
-    from lora_dpo.errors import LoraDpoError
-    from lora_dpo.generate import prompt_ids
+    from lora_dpo.data import encode_prompt
+    from lora_dpo.errors import DataError
 
-    chat = tokenizer.decode(prompt_ids(tokenizer, "Hi there", chat_template=True))
+    chat = tokenizer.decode(encode_prompt(tokenizer, "Hi there", chat_template=True))
     assert chat == "<|bos|><|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
     messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
-    assert tokenizer.decode(prompt_ids(tokenizer, messages, chat_template=True)) == (
+    assert tokenizer.decode(encode_prompt(tokenizer, messages, chat_template=True)) == (
         "<|bos|><|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    assert tokenizer.decode(prompt_ids(tokenizer, "Hi there", chat_template=False)) == "<|bos|>Hi there"
-    with pytest.raises(LoraDpoError, match="--no-chat-template was given"):
-        prompt_ids(tokenizer, messages, chat_template=False)
+    assert tokenizer.decode(encode_prompt(tokenizer, "Hi there", chat_template=False)) == "<|bos|>Hi there"
+    with pytest.raises(DataError, match="the chat template is switched off"):
+        encode_prompt(tokenizer, messages, chat_template=False)
 
 
-def test_sampling_is_seeded(merged_dir):
-    from lora_dpo.generate import SamplingSettings, generate_answer, load_generator, prompt_ids
-
-    generator = load_generator(str(merged_dir), None, "cpu", "auto")
-    assert not generator.has_adapter
-    ids = prompt_ids(generator.tokenizer, PROMPTS[0], chat_template=True)
-    settings = SamplingSettings(max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0)
-    first, again = generate_answer(generator, ids, settings, seed=1), generate_answer(generator, ids, settings, seed=1)
-    assert first == again
-    assert generate_answer(generator, ids, settings, seed=2) != first
-    greedy = SamplingSettings(max_new_tokens=12, temperature=0)
-    assert generate_answer(generator, ids, greedy, seed=1) == generate_answer(generator, ids, greedy, seed=2)
+def test_sampling_is_seeded_and_independent_of_the_batch(merged_dir, tmp_path):
+    """Same --seed, same answers, whatever --batch-size. Several samples per prompt come back as
+    lists, the first being the single-sample answer."""
+    sampled = ["--temperature", "1.0", "--top-p", "1.0", "--top-k", "0", "--max-new-tokens", "12", "--device", "cpu"]
+    prompts = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt", "Why do people like owls?"]
+    runs = {}
+    for name, extra in (("b1", ["--batch-size", "1"]), ("b5", ["--batch-size", "5"]),
+                        ("n3", ["--num-samples", "3", "--batch-size", "4"])):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["generate", str(merged_dir), *prompts, *sampled, *extra, "--output", str(out)]) == 0
+        runs[name] = [row["response"] for row in answers(out)]
+    assert runs["b1"] == runs["b5"]
+    assert all(isinstance(row, list) and len(row) == 3 for row in runs["n3"])
+    assert [row[0] for row in runs["n3"]] == runs["b1"]  # sample 0 of each prompt is the single-sample answer
+    assert all(len(set(row)) > 1 for row in runs["n3"])
 
 
 def test_prompts_from_a_preference_file(merged_dir, demo_rows, tmp_path, capsys):
@@ -108,7 +113,11 @@ def test_prompts_from_a_preference_file(merged_dir, demo_rows, tmp_path, capsys)
     assert all(isinstance(row["response"], str) for row in got)
 
     assert main(["generate", str(merged_dir), "--prompts", str(rows), "--prompt-column", "question"]) == 2
-    assert "pairs.jsonl:1: no 'question' field. Fix: set --prompt-column" in capsys.readouterr().err
+    assert ("pairs.jsonl:1: field 'question': missing (the row has prompt, chosen, rejected). Fix: add it, or set "
+            "--prompt-column to the prompt's column (or pass --on-bad-row skip)") in capsys.readouterr().err
+    assert main(["generate", str(merged_dir), "--prompts", str(rows), "--no-chat-template"]) == 2
+    assert ("pairs.jsonl:1: the prompt is a list of chat messages but --no-chat-template was given"
+            in capsys.readouterr().err)
 
 
 def test_side_by_side_layout():
@@ -127,6 +136,9 @@ def test_user_mistakes(merged_dir, llama_dir, tmp_path, capsys):
         (["--prompt", "Hi", "--compare"], "--compare needs an adapter directory"),
         ([], "no prompts. Fix: pass --prompt TEXT or --prompts FILE"),
         (["--prompt", "Hi", "--top-p", "0"], "--top-p 0.0: must be in (0, 1]"),
+        (["--prompt", "Hi", "--num-samples", "2", "--temperature", "0"], "--num-samples 2: needs --temperature above 0"),
+        (["--prompt", "Hi", "--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["--prompt", "Hi", "--stop", ""], "--stop '': a stop string must be non-empty text"),
         (["--prompt", "Hi", "--base", str(llama_dir)], "--base applies to adapter directories"),
         (["--prompts", str(tmp_path / "nope.txt")], "nope.txt: file not found"),
         (["--prompt", "Hi", "--output", str(tmp_path / "no" / "out.jsonl")], "does not exist. Fix: create it"),
@@ -186,3 +198,18 @@ def test_model_directory_with_trainer_checkpoints_is_a_model(merged_dir, adapter
     (model / "checkpoint-5" / "trainer_state.json").write_text("{}")
     assert main(["generate", str(model), "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cpu"]) == 0
     assert f"# {model}" in capsys.readouterr().out
+
+
+def test_compare_several_samples_and_skipped_rows(adapter_dir, llama_dir, tmp_path, capsys):
+    rows = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": PROMPTS[0]}, {"prompt": ""}, {"prompt": PROMPTS[1]}])
+    common = ["--prompts", str(rows), "--on-bad-row", "skip", "--num-samples", "2", "--temperature", "1.0",
+              "--max-new-tokens", "6", "--device", "cpu", "--stop", "."]
+    assert main(["generate", str(adapter_dir), "--compare", "--output", str(tmp_path / "compare.jsonl"), *common]) == 0
+    captured = capsys.readouterr()
+    assert f"{rows}: 2 prompts, 1 bad rows skipped (1 field 'prompt': is empty or whitespace only)" in captured.err
+    assert "--- base 2/2" in captured.out and "--- adapter 2/2" in captured.out and "### prompt 2/2" in captured.out
+    assert main(["generate", str(llama_dir), "--output", str(tmp_path / "base.jsonl"), *common]) == 0
+    compare, base = answers(tmp_path / "compare.jsonl"), answers(tmp_path / "base.jsonl")
+    assert [row["prompt"] for row in compare] == PROMPTS
+    assert [row["base"] for row in compare] == [row["response"] for row in base]
+    assert all(len(row["adapter"]) == 2 and not any("." in answer for answer in row["adapter"]) for row in compare)
