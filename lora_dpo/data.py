@@ -1,8 +1,9 @@
 """Preference files -> validated rows -> token ids.
 
-Reads .jsonl/.json/.parquet files (or a Hugging Face dataset), checks every row, renders chat rows
-with the tokenizer's chat template and tokenizes prompt and responses separately, so the boundary
-between them is exact and prompt tokens can never leak into the loss. Runs with torch alone.
+Reads .jsonl/.json/.parquet files (or a Hugging Face dataset, by name or as a local folder), checks
+every row, renders chat rows with the tokenizer's chat template and tokenizes prompt and responses
+separately, so the boundary between them is exact and prompt tokens can never leak into the loss.
+Runs with torch alone.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Union
 
-from .errors import DataError
+from .errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 Text = Union[str, Messages]
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -99,9 +100,13 @@ class RowError(Exception):
 
 
 def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
-    """Yield (location, row) from a local file or a Hugging Face dataset; location is file:line."""
+    """Yield (location, row) from a local file, a local dataset folder or a Hugging Face dataset;
+    location is file:line (file:row N for .json/.parquet, name[split]:row N for datasets)."""
     path = Path(source)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        yield from _read_dataset_folder(path, split)
+        return
     if suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
             raise DataError(f"{source}: file not found. Fix: check data.train_file / data.eval_file")
@@ -112,9 +117,16 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
         elif suffix == ".parquet":
             yield from _read_parquet(path)
         else:
-            raise DataError(f"{source}: unsupported file type '{suffix}'. Fix: use .jsonl, .json or .parquet")
+            raise DataError(f"{source}: unsupported file type '{suffix}'. Fix: use .jsonl, .json or .parquet, "
+                            "or a folder the datasets package reads")
         return
     yield from _read_hub(source, split)
+
+
+def _not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "not UTF-8 text (it starts with a UTF-16 byte-order mark)"
+    return f"not UTF-8 text (byte {exc.start})"
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -127,7 +139,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield where, RowError(None, f"not UTF-8 text (byte {exc.start})", "re-save the file as UTF-8")
+                yield where, RowError(None, _not_utf8(raw, exc), "re-save the file as UTF-8")
                 continue
             if not line.strip():
                 continue
@@ -136,15 +148,20 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as exc:
                 fix = "the last line looks cut off: complete or delete it" if not raw.endswith(b"\n") else "each line must be one JSON object"
                 yield where, RowError(None, f"invalid JSON ({exc.msg} at column {exc.colno})", fix)
+            except RecursionError:  # json gives up on a few hundred levels of nesting
+                yield where, RowError(None, "JSON nested too deeply to read", "each line must be one flat JSON object")
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        data = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}). Fix: re-save the file as UTF-8") from None
+        raise DataError(f"{path}: {_not_utf8(raw, exc)}. Fix: re-save the file as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}). Fix: correct the JSON syntax") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read. Fix: write a flat array of row objects") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON array of rows, got {type(data).__name__}. "
                         "Fix: write [{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}, ...] or use .jsonl")
@@ -165,16 +182,47 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}:row {index}", row
 
 
-def _read_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
+def _import_datasets(what: str, fix: str = "pip install 'lora-dpo[hub]'") -> Any:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{name}: no such local file, and reading Hugging Face datasets needs the datasets package. "
-                        "Fix: check the path, or pip install 'lora-dpo[hub]'") from None
+        raise DataError(f"{what} needs the datasets package. Fix: {fix}") from None
+    return datasets
+
+
+def _read_dataset_folder(path: Path, split: str) -> Iterator[tuple[str, Any]]:
+    """A folder ``datasets`` reads: data files named by split (train.parquet, data/test-*.jsonl, ...)
+    as ``load_dataset`` finds them, or the output of ``save_to_disk``."""
+    datasets = _import_datasets(f"{path} is a folder: reading it as a dataset",
+                                "pip install 'lora-dpo[hub]', or point at one .jsonl/.json/.parquet file in the folder")
+    fix = ("name the files by split (train.parquet, test.jsonl, ...) as the datasets package expects, "
+           "or point at one .jsonl/.json/.parquet file in the folder")
+    try:
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            dataset = datasets.load_from_disk(str(path))  # written by save_to_disk: arrow files, no data files
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise DataError(f"{path}: no split '{split}' (it has {', '.join(dataset)}). "
+                                    "Fix: set data.train_split / data.eval_split")
+                dataset = dataset[split]
+        else:
+            dataset = datasets.load_dataset(str(path), split=split)
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types (ValueError for a missing split, FileNotFoundError, ...)
+        raise DataError(f"{path} (split {split}): cannot read this dataset folder ({type(exc).__name__}: "
+                        f"{one_line(exc)}). Fix: {fix}") from None
+    for index, row in enumerate(dataset):
+        yield f"{path}[{split}]:row {index}", row
+
+
+def _read_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
+    datasets = _import_datasets(f"{name}: no such local file or folder, and reading Hugging Face datasets",
+                                "check the path, or pip install 'lora-dpo[hub]'")
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as exc:
-        raise DataError(f"{name} (split {split}): cannot load this dataset ({type(exc).__name__}: {exc}). "
+        raise DataError(f"{name} (split {split}): cannot load this dataset ({type(exc).__name__}: {one_line(exc)}). "
                         "Fix: check the name and split, or download it and point to a local file") from None
     for index, row in enumerate(dataset):
         yield f"{name}[{split}]:row {index}", row
@@ -193,7 +241,7 @@ def parse_row(row: Any, prompt_column: str, chosen_column: str, rejected_column:
                        f"write each row as {{\"{prompt_column}\": ..., \"{chosen_column}\": ..., \"{rejected_column}\": ...}}")
     for column in (chosen_column, rejected_column):
         if column not in row:
-            raise RowError(column, f"missing (the row has {', '.join(map(str, row)) or 'no fields'})",
+            raise RowError(column, f"missing (the row has {_names(row)})",
                            f"add it, or set data.{'chosen' if column == chosen_column else 'rejected'}_column to the right column")
     chosen = check_text_field(row[chosen_column], chosen_column)
     rejected = check_text_field(row[rejected_column], rejected_column)
@@ -221,7 +269,7 @@ def parse_row(row: Any, prompt_column: str, chosen_column: str, rejected_column:
             raise RowError(prompt_column, "ends with an assistant message", "the prompt must end with the turn the response answers")
     else:
         if prompt is None:
-            raise RowError(prompt_column, f"missing (the row has {', '.join(map(str, row))})",
+            raise RowError(prompt_column, f"missing (the row has {_names(row)})",
                            "add it, or set data.prompt_column to the right column")
         prompt = check_text_field(prompt, prompt_column)
         if isinstance(prompt, list):
@@ -233,9 +281,12 @@ def parse_row(row: Any, prompt_column: str, chosen_column: str, rejected_column:
 
 
 def check_text_field(value: Any, column: str) -> Text:
+    """A text field (a string, or a list of chat messages) checked for what would stop training
+    later: emptiness, wrong types, and lone surrogate escapes, which no tokenizer can encode."""
     if isinstance(value, str):
         if not value.strip():
             raise RowError(column, "is empty or whitespace only", "give it text, or remove the row")
+        _check_encodable(value, column)
         return value
     if isinstance(value, list):
         if not value:
@@ -246,19 +297,71 @@ def check_text_field(value: Any, column: str) -> Text:
                    "store text as a JSON string")
 
 
-def _check_message(message: Any, column: str, index: int) -> dict[str, str]:
-    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+def _check_encodable(text: str, column: str, what: str = "") -> None:
+    """JSON can spell half of a UTF-16 pair ("\\ud83d", a truncated emoji in scraped text); Python
+    reads it as a lone surrogate, which has no UTF-8 form, and tokenizers then fail deep inside."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError(column, f"{what}holds a lone surrogate escape {ascii(text[exc.start])[1:-1]} at character "
+                               f"{exc.start} (half of a character such as an emoji, cut off where the text was truncated)",
+                       "delete the escape or complete the character in the file, or remove the row") from None
+
+
+def _check_nested_text(value: Any, column: str, what: str) -> None:
+    """Every string (keys included) inside a JSON value; iterative, as JSON nesting can be deep."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            _check_encodable(item, column, what)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
+def _check_message(message: Any, column: str, index: int) -> dict[str, Any]:
+    """role and content checked; other keys (tool_calls, tool_call_id, name, reasoning_content, ...)
+    kept for the chat template, except null ones (Arrow-backed files give every message every key)."""
+    if not isinstance(message, dict) or "role" not in message:
         raise RowError(column, f"message {index} is not an object with 'role' and 'content'",
                        "write messages as {\"role\": \"user\", \"content\": \"...\"}")
-    role, content = message["role"], message["content"]
-    if role not in CHAT_ROLES:
-        raise RowError(column, f"message {index} has unknown role {role!r}", f"use one of {', '.join(CHAT_ROLES)}")
+    role = message["role"]
+    if not isinstance(role, str) or role not in CHAT_ROLES:
+        raise RowError(column, f"message {index} has unknown role {_short_repr(role)}", f"use one of {', '.join(CHAT_ROLES)}")
+    tool_calls = message.get("tool_calls")
+    if tool_calls is not None and not (isinstance(tool_calls, list) and all(isinstance(call, dict) for call in tool_calls)):
+        raise RowError(column, f"message {index} tool_calls must be a list of objects, got {type(tool_calls).__name__}",
+                       "write tool_calls as [{\"type\": \"function\", \"function\": {\"name\": ..., \"arguments\": {...}}}]")
+    content = message.get("content")
+    if content is None and role == "assistant" and tool_calls:
+        content = ""  # a turn that only calls tools; templates expect a string
+    elif "content" not in message:
+        raise RowError(column, f"message {index} is not an object with 'role' and 'content'",
+                       "write messages as {\"role\": \"user\", \"content\": \"...\"}")
     if not isinstance(content, str):
         raise RowError(column, f"message {index} content must be a string, got {type(content).__name__}",
                        "store message text as a JSON string")
-    if role == "assistant" and not content.strip():
+    _check_encodable(content, column, f"message {index} content ")
+    if role == "assistant" and not tool_calls and not content.strip():
         raise RowError(column, f"message {index} (assistant) is empty", "give the response text, or remove the row")
-    return {"role": role, "content": content}
+    checked: dict[str, Any] = {"role": role, "content": content}
+    for key, value in message.items():
+        if key not in checked and value is not None:
+            _check_nested_text([key, value], column, f"message {index} {_short_repr(key)} ")
+            checked[key] = value
+    return checked
+
+
+def _names(row: dict) -> str:
+    return ", ".join(name if name.isprintable() else ascii(name) for name in map(str, row)) or "no fields"
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = ascii(value)  # one line and printable whatever the value holds
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _strip_prompt(prompt: Messages, messages: Messages) -> Messages:

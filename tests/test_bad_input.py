@@ -28,6 +28,7 @@ ROW_ERRORS = {
     "identical.jsonl": (2, "rejected", "is identical to chosen"),
     "mixed_rows.jsonl": (2, "chosen", "chat messages but earlier rows are plain text"),
     "unknown_role.jsonl": (2, "prompt", "unknown role 'human'"),
+    "lone_surrogate.jsonl": (2, "prompt", "holds a lone surrogate escape \\ud83d at character 8"),
 }
 
 
@@ -109,3 +110,4 @@ def test_config_mistakes_are_one_line(tmp_path, llama_dir, capsys, overrides, wo
     assert run_cli(tmp_path, llama_dir, BAD / "bom.jsonl", *overrides) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err
+
