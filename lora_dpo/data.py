@@ -23,6 +23,9 @@ Messages = list[dict[str, Any]]
 Text = Union[str, Messages]
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Where an assistant turn starts in a dialogue given as one text (Anthropic's HH-RLHF format:
+# "\n\nHuman: ...\n\nAssistant: ..."); rows without a prompt are cut just after the last one.
+ASSISTANT_TURN = "\n\nAssistant:"
 
 
 @dataclass
@@ -33,6 +36,8 @@ class PreferenceExample:
     chosen: Text
     rejected: Text
     where: str
+    implicit_prompt: bool = False
+    """The row had no prompt: it was split off chosen/rejected (their shared start)."""
 
     @property
     def is_chat(self) -> bool:
@@ -60,6 +65,7 @@ class DataReport:
     source: str
     rows: int = 0
     skipped: int = 0
+    implicit_prompts: int = 0
     truncated_prompts: int = 0
     truncated_responses: int = 0
     dropped: int = 0
@@ -68,6 +74,8 @@ class DataReport:
         parts = [f"{self.source}: {self.rows} rows"]
         if self.skipped:
             parts.append(f"{self.skipped} bad rows skipped")
+        if self.implicit_prompts:
+            parts.append(f"{self.implicit_prompts} prompts taken from the shared start of chosen and rejected")
         parts.append(f"{self.truncated_prompts} prompts and {self.truncated_responses} responses truncated")
         if self.dropped:
             parts.append(f"{self.dropped} pairs dropped (chosen and rejected identical after truncation)")
@@ -233,7 +241,8 @@ def _read_hub(name: str, split: str) -> Iterator[tuple[str, Any]]:
 
 
 def parse_row(row: Any, prompt_column: str, chosen_column: str, rejected_column: str) -> tuple[Text, Text, Text]:
-    """Check one row and return (prompt, chosen, rejected) in one consistent shape, or raise RowError."""
+    """Check one row and return (prompt, chosen, rejected) in one consistent shape, or raise RowError.
+    A row without a prompt takes the shared start of chosen and rejected as its prompt."""
     if isinstance(row, RowError):
         raise row
     if not isinstance(row, dict):
@@ -269,12 +278,13 @@ def parse_row(row: Any, prompt_column: str, chosen_column: str, rejected_column:
             raise RowError(prompt_column, "ends with an assistant message", "the prompt must end with the turn the response answers")
     else:
         if prompt is None:
-            raise RowError(prompt_column, f"missing (the row has {_names(row)})",
-                           "add it, or set data.prompt_column to the right column")
-        prompt = check_text_field(prompt, prompt_column)
-        if isinstance(prompt, list):
-            raise RowError(prompt_column, "is a chat message list but the responses are plain text",
-                           "give all three as strings or all three as message lists")
+            prompt, chosen, rejected = _split_text_dialogue(chosen, rejected, row, prompt_column, chosen_column,
+                                                            rejected_column)
+        else:
+            prompt = check_text_field(prompt, prompt_column)
+            if isinstance(prompt, list):
+                raise RowError(prompt_column, "is a chat message list but the responses are plain text",
+                               "give all three as strings or all three as message lists")
     if chosen == rejected:
         raise RowError(rejected_column, "is identical to chosen", "a pair needs two different responses; remove the row")
     return prompt, chosen, rejected
@@ -383,6 +393,30 @@ def _split_shared_prefix(chosen: Messages, rejected: Messages, chosen_column: st
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
+def _split_text_dialogue(chosen: str, rejected: str, row: dict, prompt_column: str, chosen_column: str,
+                         rejected_column: str) -> tuple[str, str, str]:
+    """HH-RLHF rows: two whole dialogues as text. The prompt is their shared start up to and including
+    the last "\\n\\nAssistant:" inside it, so the cut is at a turn boundary, never inside a word, and
+    the responses keep the space after the colon (the model generates it)."""
+    search_end = len(chosen)
+    while True:  # from the last assistant turn back to the first one both texts reach alike
+        cut = chosen.rfind(ASSISTANT_TURN, 0, search_end)
+        if cut < 0:
+            raise RowError(prompt_column, f"missing (the row has {_names(row)}), and chosen and rejected share no "
+                                          f"dialogue up to an {ascii(ASSISTANT_TURN)[1:-1]} turn to take it from",
+                           f"add a {prompt_column} column (or set data.prompt_column), or give both texts as the same "
+                           "dialogue '\\n\\nHuman: ...\\n\\nAssistant: ...' that differs only in the last assistant turn")
+        if rejected.startswith(chosen[: cut + len(ASSISTANT_TURN)]):
+            break
+        search_end = cut + len(ASSISTANT_TURN) - 1
+    end = cut + len(ASSISTANT_TURN)
+    prompt, chosen, rejected = chosen[:end], chosen[end:], rejected[end:]
+    for column, text in ((chosen_column, chosen), (rejected_column, rejected)):
+        if not text.strip():
+            raise RowError(column, "has no text after the last 'Assistant:' turn", "give the answer, or remove the row")
+    return prompt, chosen, rejected
+
+
 def load_examples(source: str, split: str, columns: tuple[str, str, str], on_bad_row: str,
                   report: DataReport) -> list[PreferenceExample]:
     examples: list[PreferenceExample] = []
@@ -403,8 +437,9 @@ def load_examples(source: str, split: str, columns: tuple[str, str, str], on_bad
             log.warning("skipped %s", exc.message(where))
             report.skipped += 1
             continue
-        examples.append(PreferenceExample(prompt, chosen, rejected, where))
+        examples.append(PreferenceExample(prompt, chosen, rejected, where, implicit_prompt=row.get(columns[0]) is None))
     report.rows = len(examples) + report.skipped
+    report.implicit_prompts = sum(example.implicit_prompt for example in examples)
     if not examples:
         what = "every row was bad and skipped" if report.skipped else "it holds no rows"
         raise DataError(f"{source}: no usable preference pairs ({what}). Fix: check the file")
@@ -504,7 +539,9 @@ def read_preference_examples(data_config: Any, seed: int) -> ExampleSplits:
         train_examples = [e for i, e in enumerate(train_examples) if i not in held_out]
         eval_report = DataReport(f"{data_config.train_file} (held out {data_config.eval_fraction:g})")
         eval_report.rows = len(eval_examples)
+        eval_report.implicit_prompts = sum(example.implicit_prompt for example in eval_examples)
         train_report.rows -= len(eval_examples)
+        train_report.implicit_prompts -= eval_report.implicit_prompts
         reports.append(eval_report)
     return ExampleSplits(train_examples, eval_examples, reports, has_eval=len(reports) > 1)
 

@@ -256,7 +256,53 @@ def test_hub_dataset_name_reads_the_split(monkeypatch):
         load_examples("org/prefs", "train", COLUMNS, "error", DataReport("x"))
 
 
+def test_hh_rlhf_text_rows_take_the_shared_dialogue_as_prompt(tmp_path):
+    """Anthropic HH-RLHF: only chosen and rejected, each the whole dialogue as text."""
+    one_turn = {"chosen": "\n\nHuman: Do you like tea?\n\nAssistant: I like tea a lot.",
+                "rejected": "\n\nHuman: Do you like tea?\n\nAssistant: I hate it."}
+    history = "\n\nHuman: Hi.\n\nAssistant: Hello! What can I do?\n\nHuman: Name a fruit."
+    two_turns = {"chosen": history + "\n\nAssistant: An apple.", "rejected": history + "\n\nAssistant: A chair."}
+    path = write_jsonl(tmp_path / "hh.jsonl", [one_turn, two_turns, GOOD])
+    (first, second, third), report = load(path)
+    # cut at the turn boundary, not inside the shared word "I"; the space after the colon is the answer's
+    assert (first.prompt, first.chosen, first.rejected) == (
+        "\n\nHuman: Do you like tea?\n\nAssistant:", " I like tea a lot.", " I hate it.")
+    assert (second.prompt, second.chosen, second.rejected) == (history + "\n\nAssistant:", " An apple.", " A chair.")
+    assert (first.implicit_prompt, second.implicit_prompt, third.implicit_prompt) == (True, True, False)
+    assert report.implicit_prompts == 2
+    assert "3 rows, 2 prompts taken from the shared start of chosen and rejected" in report.summary()
 
+
+def test_hh_rlhf_rows_without_a_shared_turn_name_the_row(tmp_path):
+    rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hey\n\nAssistant: Go away"},
+            {"chosen": "Hello there", "rejected": "Goodbye"},
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant:  "}]
+    for line in (1, 2):
+        path = write_jsonl(tmp_path / "hh.jsonl", [rows[line - 1]])
+        with pytest.raises(DataError) as info:
+            load(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}:1: field 'prompt': missing (the row has chosen, rejected), and chosen and "
+                                  "rejected share no dialogue up to an \\n\\nAssistant: turn to take it from. Fix: add a "
+                                  "prompt column")
+        assert "\n" not in message
+    path = write_jsonl(tmp_path / "hh.jsonl", [rows[2]])
+    with pytest.raises(DataError, match=r":1: field 'rejected': has no text after the last 'Assistant:' turn"):
+        load(path)
+    path = write_jsonl(tmp_path / "hh.jsonl", rows + [{"chosen": "\n\nHuman: Hi\n\nAssistant: A", "rejected": "\n\nHuman: Hi\n\nAssistant: B"}])
+    examples, report = load(path, on_bad_row="skip")
+    assert (len(examples), report.skipped, report.implicit_prompts) == (1, 3, 1)
+
+
+def test_implicit_prompts_are_counted_in_each_split(tmp_path, tokenizer):
+    user = {"role": "user", "content": "Hi"}
+    rows = [{"chosen": [user, {"role": "assistant", "content": f"Hello {i}"}],
+             "rejected": [user, {"role": "assistant", "content": f"Go {i}"}]} for i in range(10)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = load_preference_data(DataConfig(train_file=str(path), eval_fraction=0.2), tokenizer, seed=0)
+    train_report, eval_report = data.reports
+    assert (train_report.rows, train_report.implicit_prompts) == (8, 8)
+    assert (eval_report.rows, eval_report.implicit_prompts) == (2, 2)
 
 
 def test_prompt_files_get_the_same_text_checks(tmp_path):
