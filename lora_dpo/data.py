@@ -3,7 +3,10 @@
 Reads .jsonl/.json/.parquet files (or a Hugging Face dataset, by name or as a local folder), checks
 every row, renders chat rows with the tokenizer's chat template and tokenizes prompt and responses
 separately, so the boundary between them is exact and prompt tokens can never leak into the loss.
-Runs with torch alone.
+
+A response is the assistant's text plus the token that ends its turn; everything the template
+writes before the answer's text is prompt (see ``ChatRenderer``), and ``encode_prompt`` gives
+generation exactly the prompt ids training uses. Runs with torch alone.
 """
 
 from __future__ import annotations
@@ -274,6 +277,9 @@ def parse_row(row: Any, prompt_column: str, chosen_column: str, rejected_column:
             if messages[0]["role"] != "assistant":
                 raise RowError(column, f"the response starts with a '{messages[0]['role']}' message",
                                "responses must start with an assistant message")
+            if messages[-1]["role"] != "assistant":
+                raise RowError(column, f"the response ends with a '{messages[-1]['role']}' message",
+                               "end it with the assistant's answer: a response is scored up to the end of the assistant's turn")
         if prompt and prompt[-1]["role"] == "assistant":
             raise RowError(prompt_column, "ends with an assistant message", "the prompt must end with the turn the response answers")
     else:
@@ -448,41 +454,208 @@ def load_examples(source: str, split: str, columns: tuple[str, str, str], on_bad
 
 # ---------------------------------------------------------------------------------------------
 # Rendering and tokenization
+#
+# A response is the assistant's text as the chat template writes it, plus the token that ends the
+# turn (<|im_end|>, <|eot_id|>, <end_of_turn>, </s>). Everything the template writes before the
+# answer's text is prompt: the generation prompt, and fixed text it puts before every answer
+# (Qwen3's empty think block). What it writes after the end-of-turn token (a newline before the
+# next turn) is neither: the model never generates it. Scored, such tokens cancel in sigmoid DPO but
+# count in the response lengths of IPO, SimPO and ORPO and in the NLL terms of RPO and ORPO.
+
+# Assistant text put in a probe message to find where the template writes an answer: letters only,
+# so the filters templates apply to content (trim, lstrip) leave it whole.
+ANSWER_PROBE = "LoraDpoAnswerProbe"
 
 
-def render(example: PreferenceExample, tokenizer: Any) -> tuple[str, str, str]:
-    """Prompt and response texts; chat rows go through the tokenizer's chat template."""
+@dataclass(frozen=True)
+class AnswerFrame:
+    """Where a chat template puts the answer to one prompt."""
+
+    prompt: str
+    """Text before the answer's first token: the prompt training and generation both use."""
+    generation_prompt: str
+    """The template's own generation prompt (add_generation_prompt=True)."""
+    turn_end: str
+    """Text after the answer that is scored with it: up to and including the end-of-turn token."""
+    after_turn: str
+    """Text after the end-of-turn token (a newline before the next turn): not scored."""
+    append_eos: bool
+    """The template ends the turn with no token of its own, so the tokenizer's EOS closes it."""
+
+
+@dataclass(frozen=True)
+class RenderedPair:
+    """A pair as the texts that are tokenized: prompt, and each response up to its end of turn."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    append_eos: bool
+    """Append the tokenizer's EOS to each response (plain rows, templates without a turn-end token)."""
+    prompt_special_tokens: bool
+    """Tokenize the prompt with the tokenizer's special tokens (BOS): plain rows; a rendered chat holds them."""
+
+
+class ChatRenderer:
+    """Renders chat rows with a tokenizer's chat template and cuts them where the model's answer
+    starts and ends. One per tokenizer: it remembers how the template ends a turn."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._added_tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+        self._turn_ends: dict[str, tuple[str, str, bool]] = {}
+
+    def render_text(self, messages: Messages, field_name: str | None = None, **options: Any) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, **options)
+        except Exception as exc:  # a template is code shipped with the model: whatever it raises is about this row
+            raise RowError(field_name, f"the chat template cannot render this conversation ({one_line(exc)})",
+                           "give the turns in an order the model's template accepts (many want user and assistant "
+                           "to alternate, some allow no system message), or remove the row") from None
+
+    def frame(self, prompt: Messages) -> AnswerFrame:
+        """Where the answer to ``prompt`` starts and how its turn ends, from the template's rendering
+        of the prompt followed by a probe answer."""
+        generation_prompt = self.render_text(prompt, add_generation_prompt=True)
+        probed = self.render_text(prompt + [{"role": "assistant", "content": ANSWER_PROBE}])
+        if probed.count(ANSWER_PROBE) != 1:
+            raise RowError(None, "the chat template does not write an assistant's text as given, so where a response "
+                                 "starts cannot be found", "give the rows as plain text")
+        before, after = probed.split(ANSWER_PROBE)
+        if before.startswith(generation_prompt) and not before[len(generation_prompt):].strip():
+            # Only whitespace between the generation prompt and the answer (Mistral's " " after
+            # [/INST]): it belongs to the answer, as the model generates it with its first word.
+            prompt_text = generation_prompt
+        else:
+            # Fixed text before every answer (Qwen3's "<think>\n\n</think>\n\n", which its template
+            # writes for enable_thinking=False), or a generation prompt unlike the start of a written
+            # answer (one that opens a think block): the prompt is what precedes a written answer.
+            prompt_text = before
+        return AnswerFrame(prompt_text, generation_prompt, *self._turn_end(after))
+
+    def _turn_end(self, after: str) -> tuple[str, str, bool]:
+        """Split what follows an answer's text at the end of the first added token in it; without
+        one, the turn ends at its last non-space character and the tokenizer's EOS closes it."""
+        if after not in self._turn_ends:
+            first: tuple[int, str] | None = None
+            for token in self._added_tokens:  # longest first, so at one position the longest token wins
+                at = after.find(token)
+                if at >= 0 and (first is None or at < first[0]):
+                    first = (at, token)
+            if first is not None:
+                end = first[0] + len(first[1])
+                self._turn_ends[after] = (after[:end], after[end:], False)
+            else:
+                closing = after.rstrip()
+                self._turn_ends[after] = (closing, after[len(closing):], True)
+        return self._turn_ends[after]
+
+    def render_pair(self, example: PreferenceExample) -> RenderedPair:
+        frame = self.frame(example.prompt)
+        fulls = {column: self.render_text(example.prompt + response, column)
+                 for column, response in (("chosen", example.chosen), ("rejected", example.rejected))}
+        # Responses that write the template's fixed text themselves (their own think block) start
+        # right after the generation prompt.
+        for prompt_text in dict.fromkeys((frame.prompt, frame.generation_prompt)):
+            if all(full.startswith(prompt_text) for full in fulls.values()):
+                break
+        else:
+            raise RowError(None, "the chat template renders the prompt differently once a response follows, so the "
+                                 "response cannot be separated", "give the rows as plain text")
+        ending = frame.turn_end + frame.after_turn
+        responses = []
+        for column, full in fulls.items():
+            rest = full[len(prompt_text):]
+            if not rest.endswith(ending):
+                raise RowError(column, "the chat template ends this response unlike a plain answer, so its end of turn "
+                                       "cannot be found", "end the response with a plain assistant message, or give the "
+                                                          "rows as plain text")
+            responses.append(rest[: len(rest) - len(frame.after_turn)])
+        return RenderedPair(prompt_text, responses[0], responses[1], frame.append_eos, prompt_special_tokens=False)
+
+
+def _render_row(example: PreferenceExample, tokenizer: Any, renderer: ChatRenderer | None) -> RenderedPair:
+    """Raises DataError for the whole file (no chat template), RowError for this row."""
     if not example.is_chat:
-        return example.prompt, example.chosen, example.rejected
+        return RenderedPair(example.prompt, example.chosen, example.rejected, append_eos=True, prompt_special_tokens=True)
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{example.where}: rows are chat messages but the tokenizer has no chat template. "
                         "Fix: use a chat/instruct model, or give prompt/chosen/rejected as plain text")
-    prompt_text = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
-    responses = []
-    for response in (example.chosen, example.rejected):
-        full = tokenizer.apply_chat_template(example.prompt + response, tokenize=False)
-        if not full.startswith(prompt_text):
-            raise DataError(f"{example.where}: the chat template renders the prompt differently once a response "
-                            "follows, so the response cannot be separated. Fix: give the rows as plain text")
-        responses.append(full[len(prompt_text):])
-    return prompt_text, responses[0], responses[1]
+    return (renderer or ChatRenderer(tokenizer)).render_pair(example)
+
+
+def render(example: PreferenceExample, tokenizer: Any) -> RenderedPair:
+    """The texts one pair is tokenized from; chat rows go through the tokenizer's chat template."""
+    try:
+        return _render_row(example, tokenizer, None)
+    except RowError as exc:
+        raise DataError(exc.message(example.where)) from None
+
+
+def encode_prompt(tokenizer: Any, prompt: Text, chat_template: bool = True) -> list[int]:
+    """The token ids training puts before the responses to ``prompt``: generation that starts from
+    them continues exactly the context training scored answers in.
+
+    - chat messages: the template's rendering up to where the answer's text starts (its generation
+      prompt, plus fixed text it writes before every answer, e.g. Qwen3's empty think block);
+    - text, with ``chat_template`` and a tokenizer that has one: the same for one user message (a
+      chat row whose prompt is ``[{"role": "user", "content": text}]``);
+    - text otherwise: the text with the tokenizer's special tokens (BOS), as plain rows train.
+
+    Not truncated: training keeps the last ``data.max_prompt_length`` ids of a longer prompt.
+    Chat rows whose responses write their own think block train after the bare generation prompt
+    instead (docs/data.md). Raises DataError for a prompt that cannot be used.
+    """
+    try:
+        prompt = check_text_field(prompt, "prompt")
+    except RowError as exc:
+        raise DataError(exc.message("prompt")) from None
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    use_template = chat_template and has_template
+    if isinstance(prompt, list) and not use_template:
+        why = "chat templates are switched off" if has_template else "the tokenizer has no chat template"
+        raise DataError(f"prompt: a list of chat messages but {why}. Fix: give a plain-text prompt"
+                        + (", or switch the chat template on" if has_template else ", or use a chat/instruct model"))
+    if not use_template:
+        return tokenizer(prompt)["input_ids"]
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if messages[-1]["role"] == "assistant":
+        raise DataError("prompt: ends with an assistant message. Fix: end it with the turn the answer replies to")
+    try:
+        text = ChatRenderer(tokenizer).frame(messages).prompt
+    except RowError as exc:
+        raise DataError(exc.message("prompt")) from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def tokenize_examples(examples: list[PreferenceExample], tokenizer: Any, max_length: int,
-                      max_prompt_length: int, report: DataReport) -> list[TokenizedPair]:
-    """Tokenize, append EOS to each response, truncate, and count every truncation and drop."""
+                      max_prompt_length: int, report: DataReport, on_bad_row: str = "error") -> list[TokenizedPair]:
+    """Render and tokenize, end each response with its turn's end (EOS where nothing else ends it),
+    truncate, and count every skip, truncation and drop. A row the chat template cannot render or
+    cut stops here, or is skipped and counted under on_bad_row=skip."""
     if not examples:
         return []
-    texts = [render(example, tokenizer) for example in examples]
-    is_chat = examples[0].is_chat
-    # Chat templates already hold BOS and the turn markers; plain prompts get the tokenizer's BOS.
-    prompts = tokenizer([t[0] for t in texts], add_special_tokens=not is_chat)["input_ids"]
-    chosen = tokenizer([t[1] for t in texts], add_special_tokens=False)["input_ids"]
-    rejected = tokenizer([t[2] for t in texts], add_special_tokens=False)["input_ids"]
+    renderer = ChatRenderer(tokenizer) if examples[0].is_chat and getattr(tokenizer, "chat_template", None) else None
+    texts = []
+    for example in examples:
+        try:
+            texts.append(_render_row(example, tokenizer, renderer))
+        except RowError as exc:
+            if on_bad_row == "error":
+                raise DataError(exc.message(example.where) + " (or set data.on_bad_row=skip)") from None
+            log.warning("skipped %s", exc.message(example.where))
+            report.skipped += 1
+            report.implicit_prompts -= example.implicit_prompt
+    if not texts:
+        return []
+    prompts = tokenizer([t.prompt for t in texts], add_special_tokens=texts[0].prompt_special_tokens)["input_ids"]
+    chosen = tokenizer([t.chosen for t in texts], add_special_tokens=False)["input_ids"]
+    rejected = tokenizer([t.rejected for t in texts], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     pairs = []
-    for prompt_ids, chosen_ids, rejected_ids in zip(prompts, chosen, rejected):
-        chosen_ids, rejected_ids = _end_with_eos(chosen_ids, eos, is_chat), _end_with_eos(rejected_ids, eos, is_chat)
+    for text, prompt_ids, chosen_ids, rejected_ids in zip(texts, prompts, chosen, rejected):
+        ending = [eos] if text.append_eos and eos is not None else []
+        chosen_ids, rejected_ids = list(chosen_ids) + ending, list(rejected_ids) + ending
         if len(prompt_ids) > max_prompt_length:
             prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end: it is what the response answers
             report.truncated_prompts += 1
@@ -496,14 +669,6 @@ def tokenize_examples(examples: list[PreferenceExample], tokenizer: Any, max_len
             continue
         pairs.append(TokenizedPair(list(prompt_ids), chosen_ids, rejected_ids))
     return pairs
-
-
-def _end_with_eos(ids: list[int], eos: int | None, is_chat: bool) -> list[int]:
-    if eos is None:
-        return list(ids)
-    if is_chat and eos in ids:  # the template closed the turn itself (maybe followed by a newline)
-        return list(ids)
-    return list(ids) + [eos]
 
 
 @dataclass
@@ -547,16 +712,19 @@ def read_preference_examples(data_config: Any, seed: int) -> ExampleSplits:
 
 
 def tokenize_preference_data(splits: ExampleSplits, data_config: Any, tokenizer: Any) -> PreferenceData:
-    """Tokenize both splits, counting truncations and drops into each split's report."""
+    """Tokenize both splits, counting skips, truncations and drops into each split's report."""
     train = tokenize_examples(splits.train, tokenizer, data_config.max_length, data_config.max_prompt_length,
-                              splits.reports[0])
+                              splits.reports[0], data_config.on_bad_row)
     if not train:
-        raise DataError(f"{data_config.train_file}: no pairs left after truncation (all chosen/rejected became identical). "
-                        "Fix: raise data.max_length or lower data.max_prompt_length")
+        if splits.reports[0].dropped:
+            raise DataError(f"{data_config.train_file}: no pairs left after truncation (all chosen/rejected became "
+                            "identical). Fix: raise data.max_length or lower data.max_prompt_length")
+        raise DataError(f"{data_config.train_file}: no usable preference pairs (the chat template rejected every row "
+                        "and each was skipped). Fix: check the rows against the model's chat template")
     evaluation = []
     if splits.has_eval:
         evaluation = tokenize_examples(splits.eval, tokenizer, data_config.max_length,
-                                       data_config.max_prompt_length, splits.reports[1])
+                                       data_config.max_prompt_length, splits.reports[1], data_config.on_bad_row)
     return PreferenceData(train, evaluation, splits.reports)
 
 

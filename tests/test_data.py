@@ -40,6 +40,9 @@ def load(path, on_bad_row="error"):
       "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "content must be a string"),
     ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant"}],
       "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "not an object with 'role' and 'content'"),
+    ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "c"},
+                                                               {"role": "user", "content": "more?"}],
+      "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "the response ends with a 'user' message"),
     ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "c", "tool_calls": "f()"}],
       "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "message 0 tool_calls must be a list of objects, got str"),
     ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": ["a\nb"], "content": "c"}],
@@ -164,14 +167,14 @@ def test_chat_rendering_uses_the_template(tokenizer):
     example = PreferenceExample([{"role": "user", "content": "Tell me about tea."}],
                                 [{"role": "assistant", "content": "Tea is lovely."}],
                                 [{"role": "assistant", "content": "No."}], "x:1")
-    prompt, chosen, rejected = render(example, tokenizer)
-    assert prompt == "<|bos|><|im_start|>user\nTell me about tea.<|im_end|>\n<|im_start|>assistant\n"
-    assert chosen == "Tea is lovely.<|im_end|>\n"
-    assert rejected == "No.<|im_end|>\n"
+    rendered = render(example, tokenizer)
+    assert rendered.prompt == "<|bos|><|im_start|>user\nTell me about tea.<|im_end|>\n<|im_start|>assistant\n"
+    assert rendered.chosen == "Tea is lovely.<|im_end|>"  # the newline after the end of turn is not the response's
+    assert rendered.rejected == "No.<|im_end|>"
     (pair,) = tokenize_examples([example], tokenizer, 128, 64, DataReport("x"))
     assert pair.prompt_ids[0] == tokenizer.bos_token_id and pair.prompt_ids.count(tokenizer.bos_token_id) == 1
-    assert tokenizer.decode(pair.chosen_ids) == "Tea is lovely.<|im_end|>\n"  # the template's end of turn is the EOS
-    assert pair.chosen_ids.count(tokenizer.eos_token_id) == 1
+    assert tokenizer.decode(pair.chosen_ids) == "Tea is lovely.<|im_end|>"  # the template's end of turn is the EOS
+    assert pair.chosen_ids[-1] == tokenizer.eos_token_id and pair.chosen_ids.count(tokenizer.eos_token_id) == 1
 
 
 def test_chat_rows_without_a_chat_template(tokenizer):
