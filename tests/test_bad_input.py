@@ -28,6 +28,7 @@ ROW_ERRORS = {
     "identical.jsonl": (2, "rejected", "is identical to chosen"),
     "mixed_rows.jsonl": (2, "chosen", "chat messages but earlier rows are plain text"),
     "unknown_role.jsonl": (2, "prompt", "unknown role 'human'"),
+    "lone_surrogate.jsonl": (2, "prompt", "holds a lone surrogate escape \\ud83d at character 8"),
 }
 
 
@@ -109,3 +110,15 @@ def test_config_mistakes_are_one_line(tmp_path, llama_dir, capsys, overrides, wo
     assert run_cli(tmp_path, llama_dir, BAD / "bom.jsonl", *overrides) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err
+
+
+def test_hh_rlhf_text_rows_train_and_the_run_reports_implicit_prompts(tmp_path, llama_dir, caplog):
+    """Rows with only chosen and rejected as whole dialogues (HH-RLHF) train; the count is shown."""
+    rows = [{"chosen": f"\n\nHuman: Tell me about {topic}.\n\nAssistant: Happy to help! {topic} is lovely.",
+             "rejected": f"\n\nHuman: Tell me about {topic}.\n\nAssistant: No."} for topic in ("tea", "bread", "rain")]
+    path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    with caplog.at_level("INFO"):
+        assert run_cli(tmp_path, llama_dir, path) == 0
+    shown = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data ")]
+    assert shown == [f"data {path}: 3 rows, 3 prompts taken from the shared start of chosen and rejected, "
+                     "0 prompts and 0 responses truncated"]

@@ -40,6 +40,22 @@ def load(path, on_bad_row="error"):
       "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "content must be a string"),
     ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant"}],
       "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "not an object with 'role' and 'content'"),
+    ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "c"},
+                                                               {"role": "user", "content": "more?"}],
+      "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "the response ends with a 'user' message"),
+    ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "c", "tool_calls": "f()"}],
+      "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "message 0 tool_calls must be a list of objects, got str"),
+    ({"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": ["a\nb"], "content": "c"}],
+      "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "message 0 has unknown role ['a\\nb']"),
+    # lone surrogate escapes ("\ud83d": half an emoji) in every kind of text field
+    ({"prompt": "tell me \ud83d", "chosen": "c", "rejected": "r"}, "prompt",
+     "holds a lone surrogate escape \\ud83d at character 8 (half of a character such as an emoji"),
+    ({"prompt": "p", "chosen": "c", "rejected": "\ude00 r"}, "rejected", "holds a lone surrogate escape \\ude00 at character 0"),
+    ({"prompt": [{"role": "user", "content": "p\ud83d"}], "chosen": [{"role": "assistant", "content": "c"}],
+      "rejected": [{"role": "assistant", "content": "r"}]}, "prompt", "message 0 content holds a lone surrogate escape \\ud83d"),
+    ({"prompt": [{"role": "user", "content": "p"}],
+      "chosen": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {"q": "\udc00"}}}]}],
+      "rejected": [{"role": "assistant", "content": "r"}]}, "chosen", "message 0 'tool_calls' holds a lone surrogate escape \\udc00"),
 ])
 def test_each_bad_row_kind_names_file_line_field_and_fix(tmp_path, row, field, problem):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, row])
@@ -49,6 +65,7 @@ def test_each_bad_row_kind_names_file_line_field_and_fix(tmp_path, row, field, p
     assert message.startswith(f"{path}:2: field '{field}': ")
     assert problem in message
     assert "Fix:" in message and "data.on_bad_row=skip" in message
+    assert "\n" not in message and message.isascii()  # one printable line, whatever the row held
 
 
 def test_skip_policy_counts_and_logs_each_bad_row(tmp_path, caplog):
@@ -76,6 +93,21 @@ def test_bom_is_accepted_and_non_utf8_is_reported(tmp_path):
     path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"prompt": "\xff\xfe"}\n')
     with pytest.raises(DataError, match=rf"{path}:2: not UTF-8 text"):
         load(path)
+
+
+def test_utf16_files_and_runaway_nesting_are_one_line_errors(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes((json.dumps(GOOD) + "\n").encode("utf-16"))
+    with pytest.raises(DataError, match=rf"^{path}:1: not UTF-8 text \(it starts with a UTF-16 byte-order mark\)\. "
+                                        "Fix: re-save the file as UTF-8"):
+        load(path)
+    path.write_text(json.dumps(GOOD) + "\n" + "[" * 100_000 + "\n")
+    with pytest.raises(DataError, match=rf"^{path}:2: JSON nested too deeply to read"):
+        load(path)
+    json_path = tmp_path / "d.json"
+    json_path.write_text("[" * 100_000)
+    with pytest.raises(DataError, match=rf"^{json_path}: JSON nested too deeply to read"):
+        load(json_path)
 
 
 def test_empty_file_and_missing_file(tmp_path):
@@ -135,14 +167,14 @@ def test_chat_rendering_uses_the_template(tokenizer):
     example = PreferenceExample([{"role": "user", "content": "Tell me about tea."}],
                                 [{"role": "assistant", "content": "Tea is lovely."}],
                                 [{"role": "assistant", "content": "No."}], "x:1")
-    prompt, chosen, rejected = render(example, tokenizer)
-    assert prompt == "<|bos|><|im_start|>user\nTell me about tea.<|im_end|>\n<|im_start|>assistant\n"
-    assert chosen == "Tea is lovely.<|im_end|>\n"
-    assert rejected == "No.<|im_end|>\n"
+    rendered = render(example, tokenizer)
+    assert rendered.prompt == "<|bos|><|im_start|>user\nTell me about tea.<|im_end|>\n<|im_start|>assistant\n"
+    assert rendered.chosen == "Tea is lovely.<|im_end|>"  # the newline after the end of turn is not the response's
+    assert rendered.rejected == "No.<|im_end|>"
     (pair,) = tokenize_examples([example], tokenizer, 128, 64, DataReport("x"))
     assert pair.prompt_ids[0] == tokenizer.bos_token_id and pair.prompt_ids.count(tokenizer.bos_token_id) == 1
-    assert tokenizer.decode(pair.chosen_ids) == "Tea is lovely.<|im_end|>\n"  # the template's end of turn is the EOS
-    assert pair.chosen_ids.count(tokenizer.eos_token_id) == 1
+    assert tokenizer.decode(pair.chosen_ids) == "Tea is lovely.<|im_end|>"  # the template's end of turn is the EOS
+    assert pair.chosen_ids[-1] == tokenizer.eos_token_id and pair.chosen_ids.count(tokenizer.eos_token_id) == 1
 
 
 def test_chat_rows_without_a_chat_template(tokenizer):
@@ -223,5 +255,120 @@ def test_hub_dataset_name_reads_the_split(monkeypatch):
     with pytest.raises(DataError, match=r"org/missing \(split train\): cannot load this dataset \(FileNotFoundError"):
         load_examples("org/missing", "train", COLUMNS, "error", DataReport("x"))
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
-    with pytest.raises(DataError, match=r"no such local file, and reading Hugging Face datasets needs the datasets package"):
+    with pytest.raises(DataError, match=r"no such local file or folder, and reading Hugging Face datasets needs the datasets package"):
         load_examples("org/prefs", "train", COLUMNS, "error", DataReport("x"))
+
+
+def test_hh_rlhf_text_rows_take_the_shared_dialogue_as_prompt(tmp_path):
+    """Anthropic HH-RLHF: only chosen and rejected, each the whole dialogue as text."""
+    one_turn = {"chosen": "\n\nHuman: Do you like tea?\n\nAssistant: I like tea a lot.",
+                "rejected": "\n\nHuman: Do you like tea?\n\nAssistant: I hate it."}
+    history = "\n\nHuman: Hi.\n\nAssistant: Hello! What can I do?\n\nHuman: Name a fruit."
+    two_turns = {"chosen": history + "\n\nAssistant: An apple.", "rejected": history + "\n\nAssistant: A chair."}
+    path = write_jsonl(tmp_path / "hh.jsonl", [one_turn, two_turns, GOOD])
+    (first, second, third), report = load(path)
+    # cut at the turn boundary, not inside the shared word "I"; the space after the colon is the answer's
+    assert (first.prompt, first.chosen, first.rejected) == (
+        "\n\nHuman: Do you like tea?\n\nAssistant:", " I like tea a lot.", " I hate it.")
+    assert (second.prompt, second.chosen, second.rejected) == (history + "\n\nAssistant:", " An apple.", " A chair.")
+    assert (first.implicit_prompt, second.implicit_prompt, third.implicit_prompt) == (True, True, False)
+    assert report.implicit_prompts == 2
+    assert "3 rows, 2 prompts taken from the shared start of chosen and rejected" in report.summary()
+
+
+def test_hh_rlhf_rows_without_a_shared_turn_name_the_row(tmp_path):
+    rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hey\n\nAssistant: Go away"},
+            {"chosen": "Hello there", "rejected": "Goodbye"},
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant:  "}]
+    for line in (1, 2):
+        path = write_jsonl(tmp_path / "hh.jsonl", [rows[line - 1]])
+        with pytest.raises(DataError) as info:
+            load(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}:1: field 'prompt': missing (the row has chosen, rejected), and chosen and "
+                                  "rejected share no dialogue up to an \\n\\nAssistant: turn to take it from. Fix: add a "
+                                  "prompt column")
+        assert "\n" not in message
+    path = write_jsonl(tmp_path / "hh.jsonl", [rows[2]])
+    with pytest.raises(DataError, match=r":1: field 'rejected': has no text after the last 'Assistant:' turn"):
+        load(path)
+    path = write_jsonl(tmp_path / "hh.jsonl", rows + [{"chosen": "\n\nHuman: Hi\n\nAssistant: A", "rejected": "\n\nHuman: Hi\n\nAssistant: B"}])
+    examples, report = load(path, on_bad_row="skip")
+    assert (len(examples), report.skipped, report.implicit_prompts) == (1, 3, 1)
+
+
+def test_implicit_prompts_are_counted_in_each_split(tmp_path, tokenizer):
+    user = {"role": "user", "content": "Hi"}
+    rows = [{"chosen": [user, {"role": "assistant", "content": f"Hello {i}"}],
+             "rejected": [user, {"role": "assistant", "content": f"Go {i}"}]} for i in range(10)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = load_preference_data(DataConfig(train_file=str(path), eval_fraction=0.2), tokenizer, seed=0)
+    train_report, eval_report = data.reports
+    assert (train_report.rows, train_report.implicit_prompts) == (8, 8)
+    assert (eval_report.rows, eval_report.implicit_prompts) == (2, 2)
+
+
+def test_prompt_files_get_the_same_text_checks(tmp_path):
+    """Prompt files for generation and collection are read with check_text_field."""
+    from lora_dpo.generate import read_prompts
+
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "fine"}, {"prompt": "cut emoji \ud83d"}])
+    with pytest.raises(DataError) as info:
+        read_prompts([], str(path), "prompt")
+    assert str(info.value).startswith(f"{path}:2: field 'prompt': holds a lone surrogate escape \\ud83d at character 10")
+
+
+def test_local_dataset_folders_go_to_datasets(tmp_path, monkeypatch):
+    """A folder is read by the datasets package (faked here; the real package reads one below)."""
+    import sys
+    import types
+
+    class DatasetDict(dict):
+        pass
+
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append(("load_dataset", name, split))
+        return [GOOD]
+
+    def load_from_disk(name):
+        calls.append(("load_from_disk", name))
+        return DatasetDict(train=[GOOD, GOOD])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=load_dataset, load_from_disk=load_from_disk, DatasetDict=DatasetDict))
+    folder, saved = tmp_path / "prefs", tmp_path / "saved"
+    folder.mkdir()
+    saved.mkdir()
+    (saved / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    examples = load_examples(str(folder), "train", COLUMNS, "error", DataReport("x"))
+    assert calls == [("load_dataset", str(folder), "train")] and examples[0].where == f"{folder}[train]:row 0"
+    assert len(load_examples(str(saved), "train", COLUMNS, "error", DataReport("x"))) == 2
+    assert calls[-1] == ("load_from_disk", str(saved))
+    with pytest.raises(DataError, match=rf"^{saved}: no split 'test' \(it has train\)\. Fix: set data.train_split"):
+        load_examples(str(saved), "test", COLUMNS, "error", DataReport("x"))
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DataError, match=rf"^{folder} is a folder: reading it as a dataset needs the datasets package\. "
+                                        r"Fix: pip install 'lora-dpo\[hub\]', or point at one"):
+        load_examples(str(folder), "train", COLUMNS, "error", DataReport("x"))
+
+
+def test_local_dataset_folders_with_the_datasets_package(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")  # the hub extra; not part of the test extra
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([GOOD, {**GOOD, "chosen": "Hello!"}]), folder / "train.parquet")
+    examples = load_examples(str(folder), "train", COLUMNS, "error", DataReport(str(folder)))
+    assert [e.chosen for e in examples] == ["Hi there!", "Hello!"] and examples[1].where == f"{folder}[train]:row 1"
+    with pytest.raises(DataError) as info:
+        load_examples(str(folder), "test", COLUMNS, "error", DataReport("x"))
+    assert str(info.value).startswith(f"{folder} (split test): cannot read this dataset folder (ValueError: ")
+    assert "Fix: name the files by split" in str(info.value) and "\n" not in str(info.value)
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD])}).save_to_disk(str(saved))
+    assert len(load_examples(str(saved), "train", COLUMNS, "error", DataReport("x"))) == 1
