@@ -732,22 +732,3 @@ def load_preference_data(data_config: Any, tokenizer: Any, seed: int) -> Prefere
     """Read, validate, split and tokenize the train (and eval) pairs described by DataConfig."""
     return tokenize_preference_data(read_preference_examples(data_config, seed), data_config, tokenizer)
 
-
-# ---------------------------------------------------------------------------------------------
-# Prompts for generation
-
-
-def encode_prompt(tokenizer: Any, prompt: Text, chat_template: bool = True) -> list[int]:
-    """Token ids of a prompt for generation: through the tokenizer's chat template when it has one
-    and ``chat_template`` is on (a plain string becomes one user message, and the generation
-    prompt is appended), else the plain text with the tokenizer's special tokens (BOS)."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if isinstance(prompt, list) and not (chat_template and has_template):
-        why = "the chat template is switched off" if has_template else "the tokenizer has no chat template"
-        raise DataError(f"a prompt is a list of chat messages but {why}. Fix: give plain-text prompts"
-                        + (", or switch the chat template on" if has_template else ", or use a chat model"))
-    if chat_template and has_template:
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds BOS itself
-    return tokenizer(prompt)["input_ids"]

@@ -82,7 +82,7 @@ def test_prompts_render_as_in_training(tokenizer):
     assert tokenizer.decode(encode_prompt(tokenizer, messages, chat_template=True)) == (
         "<|bos|><|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert tokenizer.decode(encode_prompt(tokenizer, "Hi there", chat_template=False)) == "<|bos|>Hi there"
-    with pytest.raises(DataError, match="the chat template is switched off"):
+    with pytest.raises(DataError, match="chat templates are switched off"):
         encode_prompt(tokenizer, messages, chat_template=False)
 
 
