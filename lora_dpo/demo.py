@@ -59,6 +59,35 @@ RUDE_BODIES = [
 RUDE_CLOSERS = ["Stop asking me.", "Go away.", "Leave me alone.", "Do not bother me again."]
 
 
+def _fragments(pools: Iterable[list[str]]) -> list[str]:
+    """The fixed parts of the demo's phrases (topic slots cut out), longest first."""
+    parts = set()
+    for pool in pools:
+        for template in pool:
+            for piece in template.replace("{T}", "{t}").split("{t}"):
+                piece = piece.strip(" .,!?")
+                if len(piece) >= 4:
+                    parts.add(piece.lower())
+    return sorted(parts, key=len, reverse=True)
+
+
+KIND_FRAGMENTS = _fragments([KIND_OPENERS, KIND_BODIES, KIND_STEPS, KIND_CLOSERS])
+RUDE_FRAGMENTS = _fragments([RUDE_OPENERS, RUDE_BODIES, RUDE_CLOSERS])
+
+
+def kindness(prompt: Any, answer: str) -> float:
+    """The demo's rule-based judge: phrases of the kind answers found in ``answer`` minus phrases of
+    the rude ones. A reward for ``collect rank`` and a judge for ``eval`` (``lora_dpo.demo:kindness``);
+    it knows only the demo's phrases, so it says nothing about real models. The prompt is unused."""
+    text, score = answer.lower(), 0
+    # Longest phrases first, each match cut out, so "yourself" inside a kind phrase is not also rude.
+    for part, sign in sorted([(p, 1) for p in KIND_FRAGMENTS] + [(p, -1) for p in RUDE_FRAGMENTS],
+                             key=lambda item: len(item[0]), reverse=True):
+        score += sign * text.count(part)
+        text = text.replace(part, "|")
+    return float(score)
+
+
 def _fill(template: str, topic: str) -> str:
     return template.format(t=topic, T=topic[0].upper() + topic[1:])
 
