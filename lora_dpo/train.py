@@ -1,9 +1,17 @@
 """The DPO training loop: one explicit loop, no Trainer.
 
+``train`` runs a training run in three phases, each a function of this module:
+
+- ``setup_run`` checks the output directory and the settings, reads and tokenizes the data,
+  loads the model (or takes pre-built pieces), builds the optimizer and schedule, precomputes the
+  reference and restores a checkpoint. Everything the user can get wrong is checked before the
+  output directory is touched, so a mistake never leaves a half-written run behind.
+- ``run_loop`` runs the optimizer steps (``train_step``); after each, ``record`` logs the metrics
+  row, ``evaluation_row`` evaluates and ``save_checkpoint`` saves on schedule.
+- ``finish_run`` saves the adapter and tokenizer, and summary.json last.
+
 Per optimizer step, for each micro-batch: reference log-probs (no grad, adapters off), policy
-log-probs (adapters on), the loss, backward. Then clip, step, schedule, log. Everything the user
-can get wrong (config, output directory, data, model path) is checked before the output directory
-is created, so a mistake never leaves a half-written run behind.
+log-probs (adapters on), the loss, backward. Then clip, step, schedule (``DpoStep``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -28,11 +36,11 @@ import torch
 from .batching import PairLogps, collate, length_grouped_batches, pair_logps
 from .checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, remove_partial_writes, restore_checkpoint, write_checkpoint
 from .config import Config, load_config, save_config
-from .data import TokenizedPair, read_preference_examples, tokenize_preference_data
+from .data import PreferenceData, TokenizedPair, read_preference_examples, tokenize_preference_data
 from .errors import Interrupted, LoraDpoError, one_line
 from .losses import PreferenceLoss, needs_reference, preference_loss, reward_definition
-from .modeling import (autocast_for, load_model, load_tokenizer, reference_model, resolve_compute_dtype, resolve_device,
-                       save_adapter, trainable_parameters)
+from .modeling import (REFERENCE_ADAPTER, TRAINED_ADAPTER, autocast_for, load_model, load_tokenizer, reference_model,
+                       resolve_compute_dtype, resolve_device, save_adapter, trainable_parameters)
 from .reference_cache import ReferenceTable, reference_logps_for
 
 log = logging.getLogger(__name__)
@@ -126,10 +134,58 @@ def _record_written(path: Path, names: set[str]) -> None:
     marker.write_text(json.dumps({"files": sorted(known | names | {SUMMARY_FILE})}) + "\n", encoding="utf-8")
 
 
-def train(config: Config, overwrite: bool = False, progress: bool | None = None) -> RunSummary:
-    """Train a LoRA adapter with DPO as ``config`` says; returns what the run achieved."""
+# ---------------------------------------------------------------------------------------------
+# The run: setup, loop, finish
+
+
+@dataclass
+class Run:
+    """One training run between its phases: what ``setup_run`` built and what ``run_loop`` advances."""
+
+    config: Config
+    out: Path
+    device: torch.device
+    tokenizer: Any
+    data: PreferenceData
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    """float16 loss scaler; None for bfloat16 and float32, which need none."""
+    reference_tables: dict[str, ReferenceTable | None]
+    """Precomputed reference log-probs per split ("train", "eval"), or None to run the reference per step."""
+    step_runner: "DpoStep"
+    state: dict[str, Any]
+    """What every checkpoint saves besides the weights: step, data position, skipped steps, last evaluation."""
+    total_steps: int
+    start_step: int
+    stream: Iterator[list[int]]
+    """Micro-batches (lists of training-pair indices) from the checkpoint's data position on."""
+    started: float = field(default_factory=time.perf_counter)
+    last_train: dict[str, Any] = field(default_factory=dict)
+    """The newest train metrics row."""
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
+def train(config: Config, overwrite: bool = False, progress: bool | None = None, *, model: Any = None,
+          tokenizer: Any = None, data: PreferenceData | None = None) -> RunSummary:
+    """Train a LoRA adapter with DPO as ``config`` says; returns what the run achieved.
+
+    ``model``, ``tokenizer`` and ``data`` are pieces a caller already built (see ``setup_run``).
+    """
+    with _compile_errors_as_one_line(config):
+        run = setup_run(config, overwrite, model=model, tokenizer=tokenizer, data=data)
+        run_loop(run, progress)
+        return finish_run(run)
+
+
+@contextlib.contextmanager
+def _compile_errors_as_one_line(config: Config) -> Iterator[None]:
     try:
-        return _train(config, overwrite, progress)
+        yield
     except RuntimeError as exc:
         # torch.compile fails at the first forward pass, not where it is asked for, and with a
         # page-long message; a missing compiler or triton is a setup problem with a one-line fix.
@@ -140,8 +196,17 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None)
         raise
 
 
-def _train(config: Config, overwrite: bool, progress: bool | None) -> RunSummary:
-    started = time.perf_counter()
+def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tokenizer: Any = None,
+              data: PreferenceData | None = None) -> Run:
+    """Everything before the first step, in the order that keeps mistakes cheap: the output
+    directory and the settings are checked, then the data is read and tokenized, and only then is
+    the model loaded; nothing is written to the output directory before all of that passed.
+
+    A caller that trains several times in one process (a sweep) passes what it already built:
+    ``tokenizer`` with ``data`` (``data.tokenize_preference_data`` under this config's data
+    settings) skip reading and tokenizing; ``model`` (``modeling.load_model`` under this config's
+    model and lora settings) skips loading the base and gets fresh adapter weights.
+    """
     out = Path(config.output.dir)
     data_files = [Path(f) for f in (config.data.train_file, config.data.eval_file) if f and Path(f).exists()]
     resume_from = check_output_dir(out, overwrite, config.train.resume, data_files)
@@ -149,150 +214,230 @@ def _train(config: Config, overwrite: bool, progress: bool | None) -> RunSummary
         _check_config_changes(out / "config.yaml", config)
     _seed_everything(config.train.seed)
     device = resolve_device(config.model.device)
-    examples = read_preference_examples(config.data, config.train.seed)
-    tokenizer = load_tokenizer(config.model)
-    data = tokenize_preference_data(examples, config.data, tokenizer)
-    for report in data.reports:
-        log.info("data %s", report.summary())
-    model = load_model(config, device)
+    if data is None:
+        examples = read_preference_examples(config.data, config.train.seed)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
+        data = tokenize_preference_data(examples, config.data, tokenizer)
+        for report in data.reports:
+            log.info("data %s", report.summary())
+    elif tokenizer is None:
+        raise ValueError("setup_run: data= needs the tokenizer= it was tokenized with")
+    if model is None:
+        model = load_model(config, device)
+    else:
+        fresh_adapter(model, config)
     compute_dtype = resolve_compute_dtype(config.model, device)
     # float16 gradients of small LoRA updates underflow without loss scaling; bfloat16 needs none.
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
 
     micro_batch_size = config.train.micro_batch_size
     accumulation = config.train.gradient_accumulation_steps
-    pairs_per_step = micro_batch_size * accumulation
     batches_per_epoch = math.ceil(len(data.train) / micro_batch_size)
     total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * batches_per_epoch / accumulation))
     optimizer = build_optimizer(config, trainable_parameters(model), device)
     warmup = config.train.warmup_steps if config.train.warmup_steps is not None else round(config.train.warmup_ratio * total_steps)
     scheduler = build_scheduler(config, optimizer, warmup, total_steps)
+    reference_tables = _reference_tables(config, model, data, compute_dtype, tokenizer.pad_token_id)
+    state = _open_output(out, resume_from, model, optimizer, scheduler, scaler)
+    save_config(config, out / "config.yaml")
+    log.info("training %d steps of %d pairs (%d train, %d held-out pairs) on %s, %s", total_steps,
+             micro_batch_size * accumulation, len(data.train), len(data.eval), device,
+             str(compute_dtype).removeprefix("torch."))
+    log.info("loss %s; rewards/* are %s", config.dpo.loss, reward_definition(config.dpo))
+    stream = _micro_batch_stream(data.train, micro_batch_size, config.train.seed, config.data.group_by_length,
+                                 config.data.layout, skip=state["batches_consumed"])
+    return Run(config, out, device, tokenizer, data, model, optimizer, scheduler, scaler, reference_tables,
+               DpoStep(config, model, optimizer, scheduler, scaler, device, tokenizer.pad_token_id), state,
+               total_steps, state["step"], stream)
 
+
+def fresh_adapter(model: Any, config: Config) -> None:
+    """Give an already loaded model new adapter weights, as ``load_model`` would: LoRA's own
+    initialisation (A from the seeded RNG, B zero), or the weights of ``model.init_adapter``.
+    This is what lets one loaded 4-bit base serve many trials."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    settings = model.peft_config[TRAINED_ADAPTER]
+    if bool(config.model.init_adapter) != (REFERENCE_ADAPTER in model.peft_config):
+        raise LoraDpoError("the model passed in was loaded with another model.init_adapter than the config names. "
+                           "Fix: load it with modeling.load_model under this config")
+    if config.model.init_adapter:
+        set_peft_model_state_dict(model, load_peft_weights(config.model.init_adapter), adapter_name=TRAINED_ADAPTER)
+        return
+    wanted = {"lora.r": config.lora.r, "lora.alpha": config.lora.alpha, "lora.dropout": config.lora.dropout}
+    loaded = {"lora.r": settings.r, "lora.alpha": settings.lora_alpha, "lora.dropout": settings.lora_dropout}
+    if wanted != loaded:
+        raise LoraDpoError(f"the model passed in has an adapter with {loaded}, the config asks for {wanted}. "
+                           "Fix: load it with modeling.load_model under this config")
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.reset_lora_parameters(TRAINED_ADAPTER, settings.init_lora_weights)
+
+
+def _reference_tables(config: Config, model: Any, data: PreferenceData, compute_dtype: torch.dtype,
+                      pad_id: int) -> dict[str, ReferenceTable | None]:
+    """Reference log-probs of both splits, precomputed (or read from the cache) when asked for."""
+    tables: dict[str, ReferenceTable | None] = {"train": None, "eval": None}
+    if not (config.dpo.precompute_reference and needs_reference(config.dpo)):
+        return tables
+    cache_dir = Path(config.dpo.reference_cache_dir).expanduser()
+    for split, pairs in (("train", data.train), ("eval", data.eval)):
+        if not pairs:
+            continue
+        try:
+            tables[split] = reference_logps_for(model, pairs, config.model, compute_dtype, pad_id, cache_dir,
+                                                config.train.micro_batch_size, config.data.layout,
+                                                config.dpo.logps_chunk_size, config.data.pack_length)
+        except torch.OutOfMemoryError as exc:
+            raise _out_of_memory(config, f"precomputing the {split} reference log-probs", pairs) from exc
+    return tables
+
+
+def _open_output(out: Path, resume_from: Path | None, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+    """The first write to the output directory: restore the checkpoint, or clear what an earlier
+    run wrote and start afresh. Returns the trainer state to continue from."""
     metrics_path = out / "metrics.jsonl"
-    trainer_state: dict[str, Any] = {"step": 0, "batches_consumed": 0, "pairs_consumed": 0, "skipped_steps": 0,
-                                     "consecutive_bad_steps": 0, "last_eval": None}
-    pad_id = tokenizer.pad_token_id
-    chunk = config.dpo.logps_chunk_size
-    reference_tables: dict[str, ReferenceTable | None] = {"train": None, "eval": None}
-    if config.dpo.precompute_reference and needs_reference(config.dpo):
-        cache_dir = Path(config.dpo.reference_cache_dir).expanduser()
-        for split, pairs in (("train", data.train), ("eval", data.eval)):
-            if not pairs:
-                continue
-            try:
-                reference_tables[split] = reference_logps_for(
-                    model, pairs, config.model, compute_dtype, pad_id, cache_dir, micro_batch_size,
-                    config.data.layout, chunk, config.data.pack_length)
-            except torch.OutOfMemoryError as exc:
-                raise _out_of_memory(config, f"precomputing the {split} reference log-probs", pairs) from exc
     if resume_from is not None:
         remove_partial_writes(out)
-        trainer_state = restore_checkpoint(resume_from, model, optimizer, scheduler, scaler, metrics_path)
-        log.info("resuming from %s (step %d)", resume_from, trainer_state["step"])
-    else:
-        if (out / RUN_MARKER).is_file():
-            _clear_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        _record_written(out, {"config.yaml", "metrics.jsonl"})
-        metrics_path.write_text("", encoding="utf-8")
-    save_config(config, out / "config.yaml")
-    metrics_file = metrics_path.open("a", encoding="utf-8")
-    log.info("training %d steps of %d pairs (%d train, %d held-out pairs) on %s, %s",
-             total_steps, pairs_per_step, len(data.train), len(data.eval), device, str(compute_dtype).removeprefix("torch."))
-    log.info("loss %s; rewards/* are %s", config.dpo.loss, reward_definition(config.dpo))
+        state = restore_checkpoint(resume_from, model, optimizer, scheduler, scaler, metrics_path)
+        log.info("resuming from %s (step %d)", resume_from, state["step"])
+        return state
+    if (out / RUN_MARKER).is_file():
+        _clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _record_written(out, {"config.yaml", "metrics.jsonl"})
+    metrics_path.write_text("", encoding="utf-8")
+    return {"step": 0, "batches_consumed": 0, "pairs_consumed": 0, "skipped_steps": 0, "consecutive_bad_steps": 0,
+            "last_eval": None}
 
-    step_runner = DpoStep(config, model, optimizer, scheduler, scaler, device, pad_id)
 
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        totals = _MetricSums()
-        with torch.no_grad():
-            for start in range(0, len(data.eval), micro_batch_size):
-                indices = list(range(start, min(start + micro_batch_size, len(data.eval))))
-                result, policy, _ = step_runner.forward(data.eval, indices, reference_tables["eval"])
-                totals.add(result, policy)
-        model.train()
-        return totals.means()
-
-    start_step = trainer_state["step"]
-    stream = _micro_batch_stream(data.train, micro_batch_size, config.train.seed, config.data.group_by_length,
-                                 config.data.layout, skip=trainer_state["batches_consumed"])
-    bar = _progress_bar(total_steps, progress, initial=start_step)
-    final_train: dict[str, float] = {}
-    final_eval = trainer_state["last_eval"]
+def run_loop(run: Run, progress: bool | None = None) -> None:
+    """The optimizer steps from ``run.start_step`` to ``run.total_steps``; after each: log, check
+    for runs of bad steps, evaluate and save on schedule. SIGINT/SIGTERM end it with a checkpoint."""
+    config, total = run.config, run.total_steps
+    bar = _progress_bar(total, progress, initial=run.start_step)
     stop = _StopRequest()
-    model.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    run.model.train()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     try:
         stop.install()
-        for step in range(start_step + 1, total_steps + 1):
-            step_start = time.perf_counter()
-            micro_batches = [next(stream) for _ in range(accumulation)]
-            try:
-                metrics, applied, bad = step_runner(data.train, micro_batches, reference_tables["train"])
-            except torch.OutOfMemoryError as exc:
-                raise _out_of_memory(config, f"at step {step}", [data.train[i] for b in micro_batches for i in b]) from exc
-            trainer_state["batches_consumed"] += len(micro_batches)
-            trainer_state["pairs_consumed"] += sum(len(b) for b in micro_batches)
-            if not applied:
-                trainer_state["skipped_steps"] += 1
-            if bad:
-                trainer_state["consecutive_bad_steps"] += 1
-                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped",
-                            step, metrics["loss"], metrics["grad_norm"])
-            else:
-                trainer_state["consecutive_bad_steps"] = 0
-            seconds = time.perf_counter() - step_start
-            tokens = metrics.pop("tokens")
-            row = {"step": step, "split": "train", "epoch": trainer_state["pairs_consumed"] / len(data.train), **metrics,
-                   "tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": not applied, **_memory(device)}
-            final_train = row
+        for step in range(run.start_step + 1, total + 1):
+            last = step == total
+            row = train_step(run, step)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if step % config.train.log_every == 0 or step == total_steps:
-                _write(metrics_file, row)
-                if bar.disable and (step % max(1, total_steps // 10) == 0 or step == total_steps):
-                    log.info("step %d/%d loss %.4f accuracy %.2f margin %.3f %.0f tokens/s", step, total_steps,
+            if step % config.train.log_every == 0 or last:
+                record(run, row)
+                if bar.disable and (step % max(1, total // 10) == 0 or last):
+                    log.info("step %d/%d loss %.4f accuracy %.2f margin %.3f %.0f tokens/s", step, total,
                              row["loss"], row["rewards/accuracy"], row["rewards/margins"], row["tokens_per_s"])
-            if trainer_state["consecutive_bad_steps"] >= config.train.max_bad_steps:
-                checkpoints = complete_checkpoints(out)
-                kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved yet"
-                raise LoraDpoError(
-                    f"stopped at step {step}: {config.train.max_bad_steps} steps in a row had a non-finite loss or "
-                    f"gradient ({trainer_state['skipped_steps']} skipped in all; none was applied, {kept}). "
-                    "Fix: lower train.learning_rate, check the data, or use model.compute_dtype=bfloat16 instead of float16")
-            last = step == total_steps
-            if data.eval and ((config.train.eval_every and step % config.train.eval_every == 0) or last):
-                try:
-                    final_eval = {"step": step, "split": "eval", **evaluate()}
-                except torch.OutOfMemoryError as exc:
-                    raise _out_of_memory(config, f"evaluating at step {step}", data.eval) from exc
-                trainer_state["last_eval"] = final_eval
-                _write(metrics_file, final_eval)
-                bar.write(f"eval step {step}: loss {final_eval['loss']:.4f} accuracy {final_eval['rewards/accuracy']:.3f} "
-                          f"margin {final_eval['rewards/margins']:.3f}")
+            _stop_after_bad_steps(run, step)
+            if run.data.eval and ((config.train.eval_every and step % config.train.eval_every == 0) or last):
+                row = evaluation_row(run, step)
+                bar.write(f"eval step {step}: loss {row['loss']:.4f} accuracy {row['rewards/accuracy']:.3f} "
+                          f"margin {row['rewards/margins']:.3f}")
             save_now = config.train.save_every and step % config.train.save_every == 0
             if (save_now or stop.requested) and not last:
-                trainer_state["step"] = step
-                saved = write_checkpoint(out, step, model, optimizer, scheduler, scaler, trainer_state, metrics_path,
-                                         config.train.keep_last)
+                saved = save_checkpoint(run, step)
                 if stop.requested:
                     raise Interrupted(f"stopped by {stop.requested} after step {step}; checkpoint saved to {saved}. "
-                                      f"Resume with: lora-dpo train CONFIG --resume (output.dir={out})",
+                                      f"Resume with: lora-dpo train CONFIG --resume (output.dir={run.out})",
                                       exit_code=128 + stop.signal_number)
     finally:
         stop.uninstall()
         bar.close()
-        metrics_file.close()
 
+
+def train_step(run: Run, step: int) -> dict[str, Any]:
+    """One optimizer step on the next micro-batches of the stream; returns its metrics row."""
+    started = time.perf_counter()
+    state, pairs = run.state, run.data.train
+    micro_batches = [next(run.stream) for _ in range(run.config.train.gradient_accumulation_steps)]
+    try:
+        metrics, applied, bad = run.step_runner(pairs, micro_batches, run.reference_tables["train"])
+    except torch.OutOfMemoryError as exc:
+        raise _out_of_memory(run.config, f"at step {step}", [pairs[i] for b in micro_batches for i in b]) from exc
+    state["step"] = step
+    state["batches_consumed"] += len(micro_batches)
+    state["pairs_consumed"] += sum(len(b) for b in micro_batches)
+    if not applied:
+        state["skipped_steps"] += 1
+    if bad:
+        state["consecutive_bad_steps"] += 1
+        log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped",
+                    step, metrics["loss"], metrics["grad_norm"])
+    else:
+        state["consecutive_bad_steps"] = 0
+    seconds = time.perf_counter() - started
+    tokens = metrics.pop("tokens")
+    run.last_train = {"step": step, "split": "train", "epoch": state["pairs_consumed"] / len(pairs), **metrics,
+                      "tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": not applied,
+                      **_memory(run.device)}
+    return run.last_train
+
+
+def _stop_after_bad_steps(run: Run, step: int) -> None:
+    limit = run.config.train.max_bad_steps
+    if run.state["consecutive_bad_steps"] < limit:
+        return
+    checkpoints = complete_checkpoints(run.out)
+    kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was saved yet"
+    raise LoraDpoError(
+        f"stopped at step {step}: {limit} steps in a row had a non-finite loss or gradient "
+        f"({run.state['skipped_steps']} skipped in all; none was applied, {kept}). "
+        "Fix: lower train.learning_rate, check the data, or use model.compute_dtype=bfloat16 instead of float16")
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Mean metrics over every held-out pair, without gradients and with dropout off."""
+    run.model.eval()
+    totals = _MetricSums()
+    pairs, size = run.data.eval, run.config.train.micro_batch_size
+    with torch.no_grad():
+        for start in range(0, len(pairs), size):
+            indices = list(range(start, min(start + size, len(pairs))))
+            result, policy, _ = run.step_runner.forward(pairs, indices, run.reference_tables["eval"])
+            totals.add(result, policy)
+    run.model.train()
+    return totals.means()
+
+
+def evaluation_row(run: Run, step: int) -> dict[str, Any]:
+    """Evaluate at ``step``, log the row and keep it as the run's last evaluation."""
+    try:
+        row = {"step": step, "split": "eval", **evaluate(run)}
+    except torch.OutOfMemoryError as exc:
+        raise _out_of_memory(run.config, f"evaluating at step {step}", run.data.eval) from exc
+    run.state["last_eval"] = row
+    record(run, row)
+    return row
+
+
+def record(run: Run, row: dict[str, Any]) -> None:
+    """Append one metrics row to metrics.jsonl; every train and eval row of the run passes here."""
+    with run.metrics_path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    return write_checkpoint(run.out, step, run.model, run.optimizer, run.scheduler, run.scaler, run.state,
+                            run.metrics_path, run.config.train.keep_last)
+
+
+def finish_run(run: Run) -> RunSummary:
+    """Save the adapter and tokenizer, then summary.json (last and atomically: its presence means
+    the run finished)."""
+    out = run.out
     before = {entry.name for entry in out.iterdir()}
-    save_adapter(model, out)
-    tokenizer.save_pretrained(out)
+    save_adapter(run.model, out)
+    run.tokenizer.save_pretrained(out)
     _record_written(out, {entry.name for entry in out.iterdir()} - before)
-    summary = RunSummary(str(out), total_steps, len(data.train), len(data.eval), time.perf_counter() - started,
-                         final_train, final_eval, trainer_state["skipped_steps"], start_step,
-                         reward_definition(config.dpo))
+    summary = RunSummary(str(out), run.total_steps, len(run.data.train), len(run.data.eval),
+                         time.perf_counter() - run.started, run.last_train, run.state["last_eval"],
+                         run.state["skipped_steps"], run.start_step, reward_definition(run.config.dpo))
     temporary = out / f".tmp-{SUMMARY_FILE}"
     temporary.write_text(json.dumps(summary.__dict__, indent=2) + "\n", encoding="utf-8")
     temporary.replace(out / SUMMARY_FILE)
@@ -538,11 +683,6 @@ def _memory(device: torch.device) -> dict[str, float]:
                 "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
     # CPU: peak resident set of the process (Linux reports KiB).
     return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def _write(handle: Any, row: dict[str, Any]) -> None:
-    handle.write(json.dumps(row) + "\n")
-    handle.flush()
 
 
 def _seed_everything(seed: int) -> None:
