@@ -18,21 +18,34 @@ the training loop only ever sees ``collate`` and ``pair_logps``. Layouts (``LAYO
 
 Every layout but ``padded`` passes the decoder a 4D mask (rows, 1, T, T) with explicit position
 ids, which the ``sdpa`` and ``eager`` attention kernels accept and ``flash_attention_2`` does not.
+A custom mask reaches every layer unchanged, so sliding-window layers get the window built in,
+from the position ids; where full and sliding layers mix, each kind gets its own mask (a dict by
+layer type, which those families take as is). Layers no mask can keep to one sequence
+(recurrent, convolution, chunked attention) are refused by their layer types, and a one-time
+probe refuses the rest that disagree with the padded layout (ALiBi, learned positions, RWKV).
 On a GPU such a dense mask keeps SDPA off its flash kernel and costs T x T per row; the token
 savings have to pay for that, which only a measurement shows (docs/benchmarks.md).
+
+``pair_logps`` runs the output head itself, so ``HeadPath`` repeats what each family's forward
+does to the head's output (scales, soft caps), and a one-time probe against the model's own
+forward refuses any transform it does not know.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import random
+import weakref
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from .data import TokenizedPair
-from .errors import ConfigError
+from .errors import ConfigError, LoraDpoError, one_line
 
 LAYOUTS = ("padded", "prefix_shared", "packed", "packed_prefix_shared")
 MASKED_LAYOUT_KERNELS = ("sdpa", "eager")
@@ -58,6 +71,8 @@ class PairBatch:
     num_pairs: int
     num_tokens: int
     """Throughput count: 2 x prompt + chosen + rejected tokens over the pairs (what unshared work costs)."""
+    layout: str = "padded"
+    """The layout (one of ``LAYOUTS``) the rows were laid out in."""
 
     def to(self, device: torch.device | str) -> "PairBatch":
         moved = {}
@@ -101,7 +116,7 @@ def collate(pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_multiple_o
         rows = _pack(units, pack_length)
     else:
         rows = [[unit] for unit in units]
-    return _assemble(rows, pad_token_id, pad_to_multiple_of, num_pairs, sum(p.num_tokens for p in pairs))
+    return _assemble(rows, pad_token_id, pad_to_multiple_of, num_pairs, sum(p.num_tokens for p in pairs), layout)
 
 
 def _collate_padded(pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int) -> PairBatch:
@@ -208,7 +223,7 @@ def _pack(units: list[_Unit], pack_length: int | None) -> list[list[_Unit]]:
 
 
 def _assemble(rows: list[list[_Unit]], pad_token_id: int, pad_to_multiple_of: int, num_pairs: int,
-              num_tokens: int) -> PairBatch:
+              num_tokens: int, layout: str) -> PairBatch:
     """Lay units end to end in rows; attention is block-diagonal, one block per unit."""
     length = max(sum(len(unit.tokens) for unit in row) for row in rows)
     length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
@@ -228,10 +243,13 @@ def _assemble(rows: list[list[_Unit]], pad_token_id: int, pad_to_multiple_of: in
             target_tokens.append(torch.tensor(unit.targets, dtype=torch.long))
             target_segments.append(torch.tensor(unit.segments, dtype=torch.long))
             offset += size
-        # Padding attends to itself only: a query that may attend to nothing would make softmax NaN,
-        # and NaN in an unscored row still poisons the backward pass through the attention weights.
+        # Padding attends to itself and to the row's first token, and nothing attends to padding. A
+        # query that may attend to nothing would make softmax NaN; one that sees only itself can go
+        # NaN too where the pad id embeds to zeros (Gemma 3n's normed zero vectors do, in backward).
+        # NaN in an unscored row still poisons the backward pass through the weight gradients.
         padding = torch.arange(offset, length)
         allowed[row, 0, padding, padding] = True
+        allowed[row, 0, padding, 0] = True
     return PairBatch(
         input_ids=input_ids,
         attention_mask=allowed,
@@ -242,6 +260,7 @@ def _assemble(rows: list[list[_Unit]], pad_token_id: int, pad_to_multiple_of: in
         target_segments=torch.cat(target_segments),
         num_pairs=num_pairs,
         num_tokens=num_tokens,
+        layout=layout,
     )
 
 
@@ -277,8 +296,101 @@ def length_grouped_batches(pairs: Sequence[TokenizedPair], micro_batch_size: int
 
 def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The transformer body and the output projection of a (possibly peft-wrapped) causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+    base = _base_model(model)
+    decoder = base.get_decoder()
+    if decoder is base and isinstance(getattr(base, "model", None), torch.nn.Module):
+        # get_decoder() falls back to the model itself where base_model_prefix names no attribute
+        # (Llama4ForCausalLM in transformers 5.24); the body is then under .model, as in most families.
+        decoder = base.model
+    return decoder, base.get_output_embeddings()
+
+
+def _base_model(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# ---------------------------------------------------------------------------------------------
+# The output head as each family's forward applies it
+#
+# pair_logps runs the decoder and the head itself (on scored positions only), so whatever a
+# family's forward does between the decoder's last hidden state and the logits it returns has to
+# be done here too. A survey of every causal-LM forward in transformers 5.24 found these
+# (keyed by class, because the forward decides: Gemma3ForConditionalGeneration applies no
+# softcap even where its text config names one, Gemma3ForCausalLM does):
+# - logits / config.logits_scaling: Granite, GraniteSWA, GraniteMoe, GraniteMoeSWA,
+#   GraniteMoeHybrid, GraniteMoeShared.
+# - logits * config.logit_scale: Cohere, Cohere2, Cohere2Moe, CohereCompass.
+# - logits * config.logits_scaling (Granite's name, the other way round): HyperCLOVAX.
+# - logits * config.lm_head_multiplier: FalconH1.
+# - tanh(logits / cap) * cap: config.final_logit_softcapping in Gemma2, Gemma3 (text), Gemma3n,
+#   Gemma4, Gemma4Unified (text and multimodal), VaultGemma, NanoChat, Beam, Inkling2(Loop);
+#   config.logits_soft_cap in RecurrentGemma; config.output_logit_soft_cap in xLSTM.
+# - hidden / config.logits_scaling before the head: MiniCPM3; hidden /
+#   config.logits_mup_width_multiplier and only the first config.unpadded_vocab_size logits:
+#   Inkling.
+# Every other family returns the head's output unchanged (some cast it to float32, which
+# _token_logps does anyway). Families whose head is not one projection (BERT-style prediction
+# heads, Electra, ModernBertDecoder, MusicGen's several heads, the Gemma 4 assistants) are not
+# listed: the one-time check in pair_logps refuses them, as it refuses any transform missing
+# here (remote code included), instead of training on the wrong numbers.
+
+_LOGITS_SCALING_DIVIDES = {"divisor": "logits_scaling"}
+_LOGIT_SCALE = {"multiplier": "logit_scale"}
+_FINAL_SOFTCAP = {"softcap": "final_logit_softcapping"}
+HEAD_TRANSFORMS: dict[str, dict[str, str]] = {
+    **dict.fromkeys(["GraniteForCausalLM", "GraniteSWAForCausalLM", "GraniteMoeForCausalLM", "GraniteMoeSWAForCausalLM",
+                     "GraniteMoeHybridForCausalLM", "GraniteMoeSharedForCausalLM"], _LOGITS_SCALING_DIVIDES),
+    **dict.fromkeys(["CohereForCausalLM", "Cohere2ForCausalLM", "Cohere2MoeForCausalLM", "CohereCompassForCausalLM"],
+                    _LOGIT_SCALE),
+    "HyperCLOVAXForCausalLM": {"multiplier": "logits_scaling"},
+    "FalconH1ForCausalLM": {"multiplier": "lm_head_multiplier"},
+    **dict.fromkeys(["Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3nForCausalLM", "Gemma3nForConditionalGeneration",
+                     "Gemma4ForCausalLM", "Gemma4ForConditionalGeneration", "Gemma4UnifiedForCausalLM",
+                     "Gemma4UnifiedForConditionalGeneration", "VaultGemmaForCausalLM", "NanoChatForCausalLM",
+                     "BeamForCausalLM", "Inkling2ForCausalLM", "Inkling2LoopForCausalLM"], _FINAL_SOFTCAP),
+    "RecurrentGemmaForCausalLM": {"softcap": "logits_soft_cap"},
+    "xLSTMForCausalLM": {"softcap": "output_logit_soft_cap"},
+    "MiniCPM3ForCausalLM": {"hidden_divisor": "logits_scaling"},
+    "InklingForCausalLM": {"hidden_divisor": "logits_mup_width_multiplier", "vocab_size": "unpadded_vocab_size"},
+}
+"""Model class name -> {HeadPath field: config attribute holding its value} (the text config of multimodal models)."""
+
+
+@dataclass(frozen=True)
+class HeadPath:
+    """What a model's forward does around its output head, in this order: hidden state divided
+    by ``hidden_divisor``, the head, logits times ``multiplier``, divided by ``divisor``,
+    soft-capped as tanh(logits / softcap) * softcap, cut to the first ``vocab_size`` columns."""
+
+    hidden_divisor: float | None = None
+    multiplier: float | None = None
+    divisor: float | None = None
+    softcap: float | None = None
+    vocab_size: int | None = None
+
+    def logits(self, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits of ``hidden`` (..., hidden size), as the model's forward returns them."""
+        if self.hidden_divisor is not None:
+            hidden = hidden / self.hidden_divisor
+        logits = head(hidden).float()
+        if self.multiplier is not None:
+            logits = logits * self.multiplier
+        if self.divisor is not None:
+            logits = logits / self.divisor
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        if self.vocab_size is not None:
+            logits = logits[..., : self.vocab_size]
+        return logits
+
+
+def head_path(model: Any) -> HeadPath:
+    """The ``HeadPath`` of a (possibly peft-wrapped) causal LM, from ``HEAD_TRANSFORMS`` and its config."""
+    base = _base_model(model)
+    config = base.config.get_text_config()
+    transforms = HEAD_TRANSFORMS.get(type(base).__name__, {})
+    values = {name: getattr(config, attribute, None) for name, attribute in transforms.items()}
+    return HeadPath(**{name: value for name, value in values.items() if value is not None})
 
 
 def pair_logps(model: Any, batch: PairBatch, chunk_size: int = 512) -> PairLogps:
@@ -289,11 +401,25 @@ def pair_logps(model: Any, batch: PairBatch, chunk_size: int = 512) -> PairLogps
     chunk's (chunk_size x vocab) float32 logits exist at a time in forward and backward — about
     256 MB for a 128k vocabulary at 512 tokens, instead of gigabytes for full-sequence logits.
     The price is one extra head matmul per chunk in the backward pass.
+
+    The first call for a model checks, once, that this path gives the model's own numbers: on a
+    16-token probe, head + ``HeadPath`` against the model's forward; and, the first time a
+    masked layout comes, a packed prefix-shared probe against the padded one. Either
+    disagreeing beyond rounding is an error (three no-grad forwards of under 30 tokens, once).
     """
     decoder, head = decoder_and_head(model)
+    masked = batch.attention_mask is not None and batch.attention_mask.dim() == 4
+    if masked:
+        _require_mask_kernel(decoder)
+    path = _checked_head_path(model, decoder, head, batch, masked)
+    return _pair_logps(decoder, head, path, batch, chunk_size)
+
+
+def _pair_logps(decoder: torch.nn.Module, head: torch.nn.Module, path: HeadPath, batch: PairBatch,
+                chunk_size: int) -> PairLogps:
     attention_mask = batch.attention_mask
     if attention_mask is not None and attention_mask.dim() == 4:
-        attention_mask = _additive_mask(decoder, attention_mask)
+        attention_mask = _decoder_masks(decoder, attention_mask, batch.position_ids)
     hidden = decoder(
         input_ids=batch.input_ids,
         attention_mask=attention_mask,
@@ -301,15 +427,14 @@ def pair_logps(model: Any, batch: PairBatch, chunk_size: int = 512) -> PairLogps
         use_cache=False,
     ).last_hidden_state
     selected = hidden[batch.target_rows, batch.target_positions]
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     pieces = []
     for start in range(0, selected.shape[0], chunk_size):
         h = selected[start : start + chunk_size]
         tokens = batch.target_tokens[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_token_logps, head, h, tokens, softcap, use_reentrant=False))
+            pieces.append(checkpoint(_token_logps, head, h, tokens, path, use_reentrant=False))
         else:
-            pieces.append(_token_logps(head, h, tokens, softcap))
+            pieces.append(_token_logps(head, h, tokens, path))
     token_logps = torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
     segments = 2 * batch.num_pairs
     sums = torch.zeros(segments, dtype=torch.float32, device=token_logps.device)
@@ -321,22 +446,233 @@ def pair_logps(model: Any, batch: PairBatch, chunk_size: int = 512) -> PairLogps
     return PairLogps(sums[:b], sums[b:], counts[:b], counts[b:])
 
 
-def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, path: HeadPath) -> torch.Tensor:
+    logits = path.logits(head, hidden)
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# One-time checks against the model's own forward
+
+PROBE_TOKENS = 16
+
+
+@dataclass
+class _Checked:
+    head: HeadPath
+    masked_layouts: bool = False
+
+
+_CHECKED: "weakref.WeakKeyDictionary[torch.nn.Module, _Checked]" = weakref.WeakKeyDictionary()
+"""Models already checked (weakly held: a model that is freed drops out)."""
+
+
+def _checked_head_path(model: Any, decoder: torch.nn.Module, head: torch.nn.Module, batch: PairBatch,
+                       masked: bool) -> HeadPath:
+    base = _base_model(model)
+    checked = _CHECKED.get(base)
+    if checked is None:
+        path = head_path(base)
+        with _probe_mode(base):
+            _check_head_path(base, decoder, head, path, batch.input_ids[0, :PROBE_TOKENS])
+        checked = _CHECKED[base] = _Checked(path)
+    if masked and not checked.masked_layouts:
+        _require_attention_layers(decoder, batch.layout)
+        with _probe_mode(base):
+            _check_masked_layouts(base, decoder, head, checked.head, batch)
+        checked.masked_layouts = True
+    return checked.head
+
+
+@contextlib.contextmanager
+def _probe_mode(model: torch.nn.Module) -> Iterator[None]:
+    """No grad and eval mode (no dropout, so two paths can agree), each module's mode restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    return f"{getattr(model.config, 'model_type', '?')} ({type(model).__name__})"
+
+
+def _rounding(*dtypes: torch.dtype) -> float:
+    """The coarsest machine epsilon among ``dtypes`` and the autocast dtype in force, if any."""
+    dtypes = list(dtypes)
+    for device_type in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device_type):
+            dtypes.append(torch.get_autocast_dtype(device_type))
+    return max(torch.finfo(dtype).eps for dtype in dtypes if dtype.is_floating_point)
+
+
+def _check_head_path(base: torch.nn.Module, decoder: torch.nn.Module, head: torch.nn.Module, path: HeadPath,
+                     probe: torch.Tensor) -> None:
+    """Log-probs of the head + ``path`` against the model's forward on ``probe``, all vocabulary.
+
+    One forward of the model; its decoder's output is caught on the way, so both sides start
+    from the same hidden state (a second decoder run could differ by rounding, e.g. where MoE
+    routing adds up in a different order on a GPU).
+    """
+    caught = []
+    hook = decoder.register_forward_hook(lambda module, args, output: caught.append(output))
+    try:
+        theirs = base(input_ids=probe.unsqueeze(0), use_cache=False).logits[0]
+    finally:
+        hook.remove()
+    try:
+        if len(caught) != 1:
+            raise RuntimeError(f"the forward ran get_decoder() {len(caught)} times, not once")
+        ours = path.logits(head, caught[0].last_hidden_state[0])
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, AttributeError, RuntimeError) as exc:
+        # get_decoder() returning the head (ModernBertDecoder), a prediction head between body and
+        # output projection (Electra): the parts do not compose as decoder then head.
+        raise LoraDpoError(f"{_model_name(base)}: its get_decoder() ({type(decoder).__name__}) and "
+                           f"get_output_embeddings() ({type(head).__name__}) do not compose into its forward "
+                           f"({type(exc).__name__}: {one_line(exc, 120)}), so lora-dpo cannot score it. Fix: use "
+                           "another model family (docs/training.md lists the ones it knows)") from None
+    rounding = _rounding(theirs.dtype, caught[0].last_hidden_state.dtype)
+    theirs = theirs.float()
+    if ours.shape != theirs.shape:
+        raise LoraDpoError(f"{_model_name(base)}: its forward returns logits of shape {tuple(theirs.shape)} where its "
+                           f"output head gives {tuple(ours.shape)}, so lora-dpo cannot score it. Fix: use another "
+                           "model family (docs/training.md lists the head transforms it knows)")
+    gap = (ours.log_softmax(-1) - theirs.log_softmax(-1)).abs().max().item()
+    # The same hidden state through the same head; what is left is the rounding of the transform
+    # in the model's dtype: a few epsilons of the largest logit (8 x 2^-7 x it in bf16).
+    tolerance = 8 * rounding * (1.0 + theirs.abs().max().item())
+    if not gap <= tolerance:
+        raise LoraDpoError(f"{_model_name(base)}: lora-dpo's output-head path gives log-probs up to {gap:.3g} nats "
+                           f"away from the model's own forward (rounding allows {tolerance:.2g}), so it would train on "
+                           "wrong numbers: the forward transforms its logits in a way batching.HEAD_TRANSFORMS does "
+                           "not know. Fix: use another model family (docs/training.md lists the ones it knows)")
+
+
+def _check_masked_layouts(base: torch.nn.Module, decoder: torch.nn.Module, head: torch.nn.Module, path: HeadPath,
+                          batch: PairBatch) -> None:
+    """Two probe pairs packed prefix-shared into one row against the padded layout: layers that
+    carry state along the row (recurrent, convolution) or ignore the mask show up here."""
+    ids = batch.input_ids.flatten().tolist()
+    ids = (ids * (24 // len(ids) + 1))[:24]
+    pairs = [TokenizedPair(ids[0:4], ids[4:9], ids[9:13]), TokenizedPair(ids[13:16], ids[16:20], ids[20:24])]
+    device = batch.input_ids.device
+    plain = _pair_logps(decoder, head, path, collate(pairs, 0).to(device), PROBE_TOKENS)
+    shared_batch = collate(pairs, 0, layout="packed_prefix_shared", pack_length=64).to(device)  # one row
+    fix = f"Fix: set data.layout=padded (data.layout={batch.layout} needs attention-only layers that take a per-token mask)"
+    try:
+        shared = _pair_logps(decoder, head, path, shared_batch, PROBE_TOKENS)
+    except (torch.OutOfMemoryError, LoraDpoError):
+        raise
+    except Exception as exc:  # a family whose layers reject a 4D mask fails in its own way
+        raise ConfigError(f"data.layout={batch.layout}: {_model_name(base)} fails with a per-token attention mask "
+                          f"({type(exc).__name__}: {one_line(exc, 120)}). {fix}", key="data.layout") from None
+    counts = torch.cat([plain.chosen_tokens, plain.rejected_tokens]).float()
+    differences = torch.cat([shared.chosen, shared.rejected]) - torch.cat([plain.chosen, plain.rejected])
+    gap = (differences.abs() / counts).max().item()
+    # Per token: float32 layouts agree to ~1e-6. Half precision rounds rows of other shapes
+    # differently; 0.1 nats per token leaves room for that (the bf16 layout test allows 0.05 nats
+    # per sequence) and still catches state leaking between sequences.
+    tolerance = 1e-4 if _rounding(torch.float32, decoder.get_input_embeddings().weight.dtype) < 1e-6 else 0.1
+    if not gap <= tolerance:
+        raise ConfigError(f"data.layout={batch.layout}: {_model_name(base)} gives log-probs {gap:.3g} nats per token away "
+                          f"from the padded layout on a probe, so its layers do not keep packed or prefix-shared "
+                          f"sequences apart. {fix}", key="data.layout")
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks of the masked layouts, per kind of attention layer
+
+MASKED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _layer_types(decoder: torch.nn.Module) -> list[str] | None:
+    """Each decoder layer's attention kind, as the decoder's own mask building decides it.
+
+    The config's ``layer_types`` where it has them (the families that build one mask per kind).
+    Otherwise one mask serves every layer: a sliding-window one when ``sliding_window`` is set
+    and the forward builds it with ``create_sliding_window_causal_mask`` (Mistral, Mixtral,
+    Phi-3, PhiMoE, Starcoder2, Qwen3-MoE, Ministral3, Doge), a full one when a transformers
+    forward never does (Moshi applies its window only in flash attention). None where a config
+    sets a window that remote code applies its own way, which cannot be told from outside.
+    """
+    config = decoder.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return list(layer_types)
+    if not getattr(config, "sliding_window", None):
+        return ["full_attention"]
+    if _builds_sliding_window_mask(type(decoder)):
+        return ["sliding_attention"]
+    return ["full_attention"] if type(decoder).__module__.startswith("transformers.") else None
+
+
+@functools.lru_cache(maxsize=None)
+def _builds_sliding_window_mask(decoder_class: type) -> bool:
+    try:
+        return "create_sliding_window_causal_mask" in inspect.getsource(decoder_class.forward)
+    except (OSError, TypeError):  # no source to read
+        return False
+
+
+def _require_mask_kernel(decoder: torch.nn.Module) -> None:
+    """The masked layouts need an attention kernel that takes a 4D mask."""
+    if not hasattr(decoder, "config"):
+        return  # not a transformer body at all: the head check in pair_logps refuses it
+    implementation = getattr(decoder.config, "_attn_implementation", None)
+    if implementation not in MASKED_LAYOUT_KERNELS:
+        raise ConfigError(f"model.attn_implementation {implementation} takes no per-token attention mask, which the "
+                          "prefix-shared and packed layouts need. Fix: set model.attn_implementation=sdpa, or "
+                          "data.layout=padded", key="model.attn_implementation")
+
+
+def _require_attention_layers(decoder: torch.nn.Module, layout: str) -> None:
+    """... and layers that attend only through that mask, with windows the mask can carry."""
+    name = getattr(decoder.config, "model_type", type(decoder).__name__)
+    layer_types = _layer_types(decoder)
+    if layer_types is None:
+        raise ConfigError(f"data.layout={layout}: {name} has sliding_window={decoder.config.sliding_window}, applied by "
+                          "its own (remote) modelling code, so lora-dpo cannot tell which layers to confine to the "
+                          "window. Fix: set data.layout=padded", key="data.layout")
+    other = sorted(set(layer_types) - set(MASKED_LAYER_TYPES))
+    if other:
+        raise ConfigError(f"data.layout={layout}: {name} has {', '.join(other)} layers, which the masked layouts "
+                          "cannot keep to one sequence (they carry state along the row, or attend in a pattern the "
+                          "masks do not build). Fix: set data.layout=padded", key="data.layout")
+
+
+def _decoder_masks(decoder: torch.nn.Module, allowed: torch.Tensor, position_ids: torch.Tensor) -> Any:
+    """The decoder's attention mask for a masked layout: one additive (rows, 1, T, T) mask, or,
+    where full and sliding-window layers mix, {layer type: mask}, which those families take as is.
+
+    A custom 4D mask is used unchanged by every layer, so the window band of sliding layers must
+    be in it: key j is visible from query i when position(i) - position(j) < window, the rule of
+    transformers' sliding_window_overlay. Positions rather than columns, so a rejected response
+    in a prefix-shared row (positions restart after the prompt) and each packed sequence see the
+    window they see in a row of their own. A second T x T mask costs rows x T^2 bytes in the
+    compute dtype (8 MiB for 4 rows of 1,024 tokens in bf16).
+    """
+    kinds = set(_layer_types(decoder))
+    masks = {}
+    if "full_attention" in kinds:
+        masks["full_attention"] = _additive_mask(decoder, allowed)
+    if "sliding_attention" in kinds:
+        window = decoder.config.sliding_window
+        positions = position_ids[:, None, :]
+        band = positions.unsqueeze(-1) - window < positions.unsqueeze(-2)  # (rows, 1, T, T) bool, no int T x T
+        masks["sliding_attention"] = _additive_mask(decoder, allowed & band)
+    return next(iter(masks.values())) if len(masks) == 1 else masks
 
 
 def _additive_mask(decoder: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:
     """The bool (rows, 1, T, T) mask as transformers takes a custom mask: 0 where allowed, the
     dtype's minimum elsewhere, in the dtype attention computes in (the autocast dtype under
     autocast, else the embeddings' dtype), so SDPA gets a mask matching its queries."""
-    implementation = getattr(decoder.config, "_attn_implementation", None)
-    if implementation not in MASKED_LAYOUT_KERNELS:
-        raise ConfigError(f"model.attn_implementation {implementation} takes no per-token attention mask, which the "
-                          "prefix-shared and packed layouts need. Fix: set model.attn_implementation=sdpa, or "
-                          "data.layout=padded", key="model.attn_implementation")
     device_type = allowed.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

@@ -8,13 +8,18 @@ cannot touch the reference.
 
 The result is a safetensors file (tensors ``chosen``, ``rejected``, ``chosen_tokens``,
 ``rejected_tokens``, one row per pair in the order given) in a cache directory, named by a
-sha256 over everything that decides the numbers: the base model (name, revision, config.json and
-the size and modification time of its weight files), the init adapter (its files' contents),
-the token ids of every pair (which covers the data file, chat template, tokenizer and truncation
-settings) and how the base is loaded (4-bit, double quantization, compute dtype). A later run
-with the same inputs loads the file instead of running the model; a change to any of them makes
-a new file. Deliberately not in the key: the attention kernel, batch layout and micro-batch
-size, and library versions, which move the numbers by rounding only.
+sha256 over everything that decides the numbers: the base model (name, revision, config.json,
+the size and modification time of its weight files and, with ``trust_remote_code``, the
+contents of its own ``*.py`` files), the init adapter (its files' contents), the token ids of
+every pair (which covers the data file, chat template, tokenizer and truncation settings), how
+the base is loaded (4-bit, double quantization, compute dtype), the attention kernel, and the
+batch layout (with the pack length for the packed layouts). The layout is in the key because
+it is only "rounding" where the masked layouts reproduce the plain forward; a table from one
+layout is never trusted for another. A later run with the same inputs loads the file instead of
+running the model; a change to any of them makes a new file. Deliberately not in the key: the
+micro-batch size (right padding changes nothing but rounding) and library versions. Format 2
+tables replace format 1, whose values were wrong for models that scale their logits (Granite,
+Cohere) and for masked layouts on sliding-window models.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from .errors import LoraDpoError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 TENSOR_NAMES = ("chosen", "rejected", "chosen_tokens", "rejected_tokens")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth")
 
@@ -76,7 +81,9 @@ def reference_logps_for(model: Any, pairs: Sequence[TokenizedPair], model_config
     ``model_config`` is the run's ``ModelConfig`` (it names the base, adapter and quantization);
     ``compute_dtype`` is the resolved dtype (``modeling.resolve_compute_dtype``).
     """
-    key = reference_cache_key(model_config, compute_dtype, pairs)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    key = reference_cache_key(model_config, compute_dtype, pairs, layout, pack_length,
+                              getattr(base.config, "_attn_implementation", None))
     path = cache_path(cache_dir, key)
     table = _load(path, key, pairs)
     if table is not None:
@@ -110,9 +117,17 @@ def compute_reference_logps(model: Any, pairs: Sequence[TokenizedPair], pad_toke
 # The key
 
 
-def reference_cache_key(model_config: Any, compute_dtype: torch.dtype, pairs: Sequence[TokenizedPair]) -> str:
-    """sha256 hex of everything that decides the reference log-probs of ``pairs``."""
+def reference_cache_key(model_config: Any, compute_dtype: torch.dtype, pairs: Sequence[TokenizedPair],
+                        layout: str = "padded", pack_length: int | None = None,
+                        attn_implementation: str | None = None) -> str:
+    """sha256 hex of everything that decides the reference log-probs of ``pairs``.
+
+    ``attn_implementation`` is the kernel the loaded model runs (None: the configured one).
+    """
     identity = reference_identity(model_config, compute_dtype)
+    identity["layout"] = layout
+    identity["pack_length"] = pack_length if layout.startswith("packed") else None
+    identity["attn_implementation"] = attn_implementation or model_config.attn_implementation
     identity["pairs"] = pairs_digest(pairs)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -120,7 +135,7 @@ def reference_cache_key(model_config: Any, compute_dtype: torch.dtype, pairs: Se
 def reference_identity(model_config: Any, compute_dtype: torch.dtype) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
-        "base": _base_identity(model_config.name_or_path, model_config.revision),
+        "base": _base_identity(model_config.name_or_path, model_config.revision, model_config.trust_remote_code),
         "init_adapter": _adapter_identity(model_config.init_adapter),
         "load_in_4bit": bool(model_config.load_in_4bit),
         "double_quant": bool(model_config.double_quant),
@@ -139,9 +154,11 @@ def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
     return digest.hexdigest()
 
 
-def _base_identity(name_or_path: str, revision: str | None) -> dict[str, Any]:
+def _base_identity(name_or_path: str, revision: str | None, trust_remote_code: bool = False) -> dict[str, Any]:
     """Name and revision, plus config.json and weight-file sizes and mtimes of the directory the
-    weights come from: the local directory, or the hub cache snapshot (named by its commit)."""
+    weights come from: the local directory, or the hub cache snapshot (named by its commit). With
+    remote code, also the sha256 of the directory's ``*.py`` files: the modelling code runs from
+    there, and an edited file changes the numbers without touching config or weights."""
     identity: dict[str, Any] = {"name_or_path": name_or_path, "revision": revision}
     directory = Path(name_or_path)
     if directory.is_dir():
@@ -157,6 +174,8 @@ def _base_identity(name_or_path: str, revision: str | None) -> dict[str, Any]:
     identity["config_json"] = config_file.read_text(encoding="utf-8") if config_file.is_file() else None
     identity["weights"] = [_file_stamp(path) for path in sorted(directory.iterdir())
                            if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES)]
+    if trust_remote_code:
+        identity["code"] = {path.name: _sha256_file(path) for path in sorted(directory.glob("*.py")) if path.is_file()}
     return identity
 
 

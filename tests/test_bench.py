@@ -124,7 +124,7 @@ def test_cuda_without_a_gpu_is_refused_by_resolve_device(bench, tmp_path, capsys
 def test_dpo_step_runs_the_reference_in_eval_mode_and_reports_its_parts(bench, llama_dir, tmp_path):
     """DpoStep (what the loop and the bench both run) takes the on-demand reference pass under
     model.eval() + no_grad and goes back to train mode for the policy pass."""
-    from lora_dpo.batching import decoder_and_head
+    from lora_dpo.batching import collate, decoder_and_head, pair_logps
     from lora_dpo.modeling import load_model, load_tokenizer, trainable_parameters
     from lora_dpo.train import DpoStep, build_scheduler
 
@@ -136,6 +136,8 @@ def test_dpo_step_runs_the_reference_in_eval_mode_and_reports_its_parts(bench, l
     model = load_model(config, torch.device("cpu"))
     model.train()
     pairs = bench.tokenize_rows(bench.make_rows(shape, 2, seed=1), tokenizer, shape)
+    with torch.no_grad():  # pair_logps' one-time check of the model, before passes are counted
+        pair_logps(model, collate(pairs[:1], tokenizer.pad_token_id))
     passes = []
     decoder, _ = decoder_and_head(model)  # what pair_logps calls
     decoder.register_forward_pre_hook(lambda module, inputs: passes.append((module.training, torch.is_grad_enabled())))

@@ -49,6 +49,8 @@ def train_step(model_dir, train_file, tmp_path, batch, *overrides):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    with torch.no_grad():  # pair_logps' one-time check of the model, before the layers are counted
+        pair_logps(model, batch)
     layers = model.get_base_model().get_decoder().layers
     calls = [0] * len(layers)
     for index, layer in enumerate(layers):
@@ -128,6 +130,8 @@ def test_backward_stops_at_the_first_layers_lora_weights(deep_llama_dir, train_f
     embeddings' output, while every LoRA weight, the first layer's included, still gets its gradient."""
     model = load_model(make_config(deep_llama_dir, train_file, tmp_path / "out", "model.device=cpu", *overrides),
                        torch.device("cpu"))
+    with torch.no_grad():  # pair_logps' one-time check of the model, before the embeddings are watched
+        pair_logps(model, batch)
     seen = []
     model.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(output.requires_grad))
     model.train()

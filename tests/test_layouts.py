@@ -3,15 +3,19 @@
 The prefix-shared and packed layouts change what the model sees (one row per pair, several
 sequences per row, a 4D attention mask, explicit position ids) but must not change a single
 number the loss uses. Checked in float32 on tiny Llama and Qwen2 models with both CPU attention
-kernels, through a real 4-bit peft model, and under bf16 autocast.
+kernels, through a real 4-bit peft model, under bf16 autocast, and on every sliding-window family
+of the installed transformers with a window shorter than the sequences, against each sequence's
+own plain forward. Families whose layers cannot take the masks are refused with one line.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LlamaModel
 
 from conftest import make_config
+from tiny_families import WINDOW, WINDOW_FAMILIES, plain_logps, tiny_model
 from lora_dpo.batching import LAYOUTS, collate, layout_length, length_grouped_batches, pair_logps
 from lora_dpo.data import DataReport, PreferenceExample, TokenizedPair, tokenize_examples
 from lora_dpo.errors import ConfigError
@@ -96,7 +100,8 @@ def test_packed_rows_restart_positions_and_isolate_sequences():
     assert batch.position_ids[2].tolist() == [0, 1, 2, 0, 1]
     allowed = batch.attention_mask[:, 0]
     assert allowed[2, 3].tolist() == [False, False, False, True, False]  # a new sequence sees none of the last
-    assert allowed[1, 4].tolist() == [False, False, False, False, True]  # padding sees itself only
+    assert allowed[1, 4].tolist() == [True, False, False, False, True]  # padding sees itself and the row's start
+    assert not allowed[1, :4, 4].any()  # and no real token sees padding
     wide = collate(pairs, pad_token_id=0, layout="packed", pack_length=64, pad_to_multiple_of=1)
     assert wide.input_ids.shape == (1, 14)
     narrow = collate(pairs, pad_token_id=0, layout="packed_prefix_shared", pack_length=2, pad_to_multiple_of=1)
@@ -198,3 +203,56 @@ def test_length_grouped_batches_cut_padding_without_ordering_by_length():
     # prefix-shared rows hold prompt + chosen + rejected, so they sort by that
     assert layout_length(TokenizedPair([1, 2], [3], [4, 5]), "prefix_shared") == 5
     assert layout_length(TokenizedPair([1, 2], [3], [4, 5]), "padded") == 4
+
+
+@pytest.mark.parametrize("family", sorted(WINDOW_FAMILIES))
+def test_layouts_match_the_plain_forward_on_sliding_window_models(pairs, family):
+    """Sequences of up to 67 tokens against a window of 8: each layout gives the log-probs of each
+    sequence run alone through the model's own forward, and the padded layout's gradients."""
+    model = tiny_model(family, **WINDOW_FAMILIES[family])
+    assert max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs) > 4 * WINDOW
+    with torch.no_grad():
+        alone_chosen = torch.stack([plain_logps(model, p.prompt_ids, p.chosen_ids) for p in pairs])
+        alone_rejected = torch.stack([plain_logps(model, p.prompt_ids, p.rejected_ids) for p in pairs])
+    want_out, want_grads = _logps_and_grads(model, pairs, "padded")
+    assert torch.allclose(want_out.chosen, alone_chosen, atol=1e-4, rtol=0)
+    assert torch.allclose(want_out.rejected, alone_rejected, atol=1e-4, rtol=0)
+    for layout in FAST_LAYOUTS:
+        out, grads = _logps_and_grads(model, pairs, layout)
+        _assert_same(out, grads, want_out, want_grads)
+
+
+@pytest.mark.parametrize("family, overrides, says", [
+    ("mamba", dict(state_size=8), "mamba has linear_attention layers"),
+    ("lfm2", dict(layer_types=["conv", "full_attention"]), "lfm2 has conv layers"),
+    ("jamba", dict(attn_layer_period=2, attn_layer_offset=1, num_experts=2, mamba_d_state=8, mamba_dt_rank=8,
+                   use_mamba_kernels=False), "jamba has linear_attention layers"),
+    # No layer types to read: the one-time probe finds that the row's state runs across sequences.
+    ("rwkv", dict(attention_hidden_size=64, context_length=128), r"rwkv \(RwkvForCausalLM\) gives log-probs .* away"),
+    # Positions from the column index (ALiBi), not from position ids.
+    ("mpt", dict(d_model=64, n_heads=4, n_layers=2), r"mpt \(MptForCausalLM\) gives log-probs .* away"),
+])
+def test_masked_layouts_refuse_layers_that_cannot_take_a_per_token_mask(pairs, family, overrides, says):
+    model = tiny_model(family, attn=None, **overrides)
+    pair = pairs[0]
+    with torch.no_grad():
+        padded = pair_logps(model, collate([pair], pad_token_id=0))  # the padded layout still works
+        assert padded.chosen[0].item() == pytest.approx(plain_logps(model, pair.prompt_ids, pair.chosen_ids).item(), abs=1e-4)
+        for layout in FAST_LAYOUTS:
+            with pytest.raises(ConfigError, match=f"^data.layout={layout}: {says}.*Fix: set data.layout=padded") as info:
+                pair_logps(model, collate(pairs, pad_token_id=0, layout=layout))
+            assert info.value.key == "data.layout" and "\n" not in str(info.value)
+
+
+class RemoteCodeLlamaModel(LlamaModel):
+    """Stands in for remote modelling code: a body class from outside transformers."""
+
+
+def test_masked_layouts_refuse_a_window_that_remote_code_applies_its_own_way(pairs):
+    model = tiny_model("llama", sliding_window=WINDOW)
+    model.model.__class__ = RemoteCodeLlamaModel
+    says = r"^data.layout=packed: llama has sliding_window=8, applied by its own \(remote\) modelling code"
+    with pytest.raises(ConfigError, match=says):
+        pair_logps(model, collate(pairs, pad_token_id=0, layout="packed"))
+    with torch.no_grad():
+        pair_logps(model, collate(pairs, pad_token_id=0))  # padded leaves the window to the model

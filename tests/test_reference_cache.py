@@ -38,7 +38,10 @@ def setup(llama_dir, tmp_path_factory):
     return model, config
 
 
-def _count_forwards(model):
+def _count_forwards(model, pairs):
+    """Decoder calls from here on; pair_logps' one-time checks of the model are done first."""
+    with torch.no_grad():
+        pair_logps(model, collate(pairs[:2], 0, layout="prefix_shared"))
     calls = []
     decoder = model.get_base_model().get_decoder()
     handle = decoder.register_forward_hook(lambda *args: calls.append(1))
@@ -48,7 +51,7 @@ def _count_forwards(model):
 def test_cached_values_equal_on_demand_pass_and_are_reused(setup, pairs, tokenizer, tmp_path):
     model, config = setup
     pad = tokenizer.pad_token_id
-    calls, handle = _count_forwards(model)
+    calls, handle = _count_forwards(model, pairs)
     try:
         table = reference_logps_for(model, pairs, config.model, torch.float32, pad, tmp_path, micro_batch_size=3,
                                     layout="prefix_shared")
@@ -72,7 +75,7 @@ def test_cached_values_equal_on_demand_pass_and_are_reused(setup, pairs, tokeniz
 
         # A second run with the same inputs reads the file and never calls the model.
         calls.clear()
-        again = reference_logps_for(model, pairs, config.model, torch.float32, pad, tmp_path)
+        again = reference_logps_for(model, pairs, config.model, torch.float32, pad, tmp_path, layout="prefix_shared")
         assert calls == [] and again.from_cache
         assert torch.equal(again.chosen, table.chosen) and torch.equal(again.rejected_tokens, table.rejected_tokens)
     finally:
@@ -91,7 +94,7 @@ def test_unreadable_or_mismatched_cache_is_recomputed(setup, pairs, tokenizer, t
     table = reference_logps_for(model, pairs, config.model, torch.float32, pad, tmp_path, micro_batch_size=5)
     path = cache_path(tmp_path, table.key)
     path.write_bytes(path.read_bytes()[:40])  # a run killed mid-write by something other than us
-    calls, handle = _count_forwards(model)
+    calls, handle = _count_forwards(model, pairs)
     try:
         with caplog.at_level(logging.WARNING, logger="lora_dpo.reference_cache"):
             again = reference_logps_for(model, pairs, config.model, torch.float32, pad, tmp_path, micro_batch_size=5)
@@ -117,6 +120,14 @@ def test_key_changes_with_data_and_settings(setup, llama_dir, pairs, tmp_path):
         "fewer pairs": reference_cache_key(config.model, torch.float32, pairs[:-1]),
         "dtype": reference_cache_key(config.model, torch.bfloat16, pairs),
     }
+    keys["layout"] = reference_cache_key(config.model, torch.float32, pairs, layout="prefix_shared")
+    keys["packed"] = reference_cache_key(config.model, torch.float32, pairs, layout="packed")
+    keys["pack length"] = reference_cache_key(config.model, torch.float32, pairs, layout="packed", pack_length=256)
+    keys["kernel"] = reference_cache_key(config.model, torch.float32, pairs, attn_implementation="eager")
+    eager = make_config(llama_dir, tmp_path / "t.jsonl", tmp_path / "o", "model.device=cpu", "model.attn_implementation=eager")
+    assert reference_cache_key(eager.model, torch.float32, pairs) == keys["kernel"]  # configured or as loaded
+    # The pack length only shapes packed rows; the padded layout ignores it, and so does the key.
+    assert reference_cache_key(config.model, torch.float32, pairs, pack_length=256) == base
     for override in ("model.load_in_4bit=false", "model.double_quant=false", "model.revision=v2"):
         other = make_config(llama_dir, tmp_path / "t.jsonl", tmp_path / "o", "model.device=cpu", override)
         keys[override] = reference_cache_key(other.model, torch.float32, pairs)
@@ -150,3 +161,36 @@ def test_key_changes_with_data_and_settings(setup, llama_dir, pairs, tmp_path):
     assert all(len(key) == 64 for key in keys.values())
     assert len(set(keys.values()) | {base}) == len(keys) + 1, keys
     assert reference_cache_key(copied.model, torch.float32, pairs) != copy_key
+
+
+def test_key_covers_the_model_directorys_code_with_trust_remote_code(llama_dir, pairs, tmp_path):
+    """Remote modelling code runs from the model directory: editing it must not reuse a table."""
+    copy = shutil.copytree(llama_dir, tmp_path / "remote-code-base")
+    code = copy / "modeling_custom.py"
+    code.write_text("SCALE = 1.0\n", encoding="utf-8")
+    trusted = make_config(copy, tmp_path / "t.jsonl", tmp_path / "o", "model.device=cpu", "model.trust_remote_code=true")
+    untrusted = make_config(copy, tmp_path / "t.jsonl", tmp_path / "o", "model.device=cpu")
+    def keys():
+        return tuple(reference_cache_key(c.model, torch.float32, pairs) for c in (trusted, untrusted))
+
+    before = keys()
+    stat = os.stat(code)
+    code.write_text("SCALE = 2.0\n", encoding="utf-8")  # same size and modification time: only the contents tell
+    os.utime(code, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = keys()
+    assert after[0] != before[0]
+    assert after[1] == before[1]  # without trust_remote_code the directory's code never runs
+
+
+def test_a_table_from_one_layout_is_not_reused_by_another(setup, pairs, tokenizer, tmp_path):
+    model, config = setup
+    pad = tokenizer.pad_token_id
+    shared = reference_logps_for(model, pairs, config.model, torch.float32, pad, tmp_path, micro_batch_size=5,
+                                 layout="prefix_shared")
+    padded = reference_logps_for(model, pairs, config.model, torch.float32, pad, tmp_path, micro_batch_size=5)
+    assert not padded.from_cache and padded.key != shared.key
+    assert sorted(tmp_path.glob("reference-logps-*.safetensors")) == sorted([cache_path(tmp_path, shared.key),
+                                                                             cache_path(tmp_path, padded.key)])
+    assert torch.allclose(padded.chosen, shared.chosen, atol=1e-4)  # on this full-attention model they agree
+    again = reference_logps_for(model, pairs, config.model, torch.float32, pad, tmp_path, layout="prefix_shared")
+    assert again.from_cache and torch.equal(again.chosen, shared.chosen)
