@@ -198,6 +198,7 @@ def test_score_pairs_equals_pair_logps_in_the_order_of_the_pairs(scored_model, t
     model.train()
     model.get_base_model().lm_head.eval()  # a module whose own mode differs from its parent's
     before = {name: module.training for name, module in model.named_modules()}
+    score_pairs(model, pairs[:1], pad, micro_batch_size=1)  # the one-time head check runs its own forward first
     seen, progress = [], []
     hook = model.get_base_model().get_decoder().register_forward_hook(
         lambda module, *args: seen.append((module.training, torch.is_grad_enabled())))
