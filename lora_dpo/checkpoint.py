@@ -1,8 +1,9 @@
 """Checkpoints that survive a kill at any moment, and resuming from them bit for bit.
 
 A checkpoint is a directory ``checkpoint-STEP`` holding the adapter, the optimizer state (also
-bitsandbytes' paged 8-bit state), the scheduler, every RNG, the position in the data stream and
-the metrics so far. It is written into a hidden temporary directory, fsynced, and renamed into
+bitsandbytes' paged 8-bit state), every RNG, the trainer state (the position in the data, counted
+in pairs, and a fingerprint of the data), the metrics so far and the config it was made with. The
+learning-rate schedule is not stored: it is a function of the settings and the step number. It is written into a hidden temporary directory, fsynced, and renamed into
 place, so a reader sees either the previous checkpoints or the new one complete — never half of
 one. Only safetensors and JSON are written or read: nothing is unpickled.
 """
@@ -14,7 +15,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -144,9 +145,11 @@ def remove_partial_writes(out_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def write_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, scaler: Any,
-                     trainer_state: dict[str, Any], metrics_path: Path, keep_last: int) -> Path:
-    """Atomically write checkpoint-STEP, then delete all but the newest ``keep_last`` checkpoints."""
+def write_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, scaler: Any, trainer_state: dict[str, Any],
+                     copies: Sequence[Path], keep_last: int) -> Path:
+    """Atomically write checkpoint-STEP, then delete all but the newest ``keep_last`` checkpoints.
+
+    ``copies`` are files copied in as they are (the metrics so far, the config)."""
     from .modeling import save_adapter
 
     final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -155,12 +158,13 @@ def write_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, sched
     temporary.mkdir(parents=True)
     save_adapter(model, temporary)
     save_state(optimizer.state_dict(), temporary, "optimizer")
-    extra = {"scheduler": scheduler.state_dict(), "rng": rng_state()}
+    extra = {"rng": rng_state()}
     if scaler is not None:
         extra["scaler"] = scaler.state_dict()
     save_state(extra, temporary, "loop")
-    if metrics_path.exists():
-        shutil.copyfile(metrics_path, temporary / "metrics.jsonl")
+    for path in copies:
+        if path.exists():
+            shutil.copyfile(path, temporary / path.name)
     _write_json(temporary / STATE_FILE, {**trainer_state, "step": step})
     for path in temporary.iterdir():
         _fsync_path(path)
@@ -175,9 +179,16 @@ def write_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, sched
     return final
 
 
-def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any,
-                       metrics_path: Path) -> dict[str, Any]:
-    """Load everything write_checkpoint saved; returns the trainer state (step, data position...)."""
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint (step, data position, data fingerprint...), without loading anything else."""
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def restore_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any, metrics_path: Path) -> dict[str, Any]:
+    """Load everything write_checkpoint saved; returns the trainer state (step, data position...).
+
+    The optimizer comes back with the hyper-parameters it was saved with; the caller decides which
+    current settings replace them."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -193,7 +204,6 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, s
         optimizer.load_state_dict(load_state(path, "optimizer"))
         _repage(optimizer)
         loop = load_state(path, "loop")
-        scheduler.load_state_dict(loop["scheduler"])
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise LoraDpoError(f"{path} does not fit the current settings ({one_line(exc)}). Fix: resume with the "
                            f"lora.* and train.optim settings in {path.parent / 'config.yaml'}, or pass --overwrite "
@@ -205,7 +215,7 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, s
     else:
         metrics_path.write_text("", encoding="utf-8")
     set_rng_state(loop["rng"])
-    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    return read_trainer_state(path)
 
 
 def _repage(optimizer: Any) -> None:

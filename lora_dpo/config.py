@@ -178,7 +178,7 @@ class TrainConfig:
     keep_last: int = 3
     """Complete checkpoints to keep; older ones are deleted only after a newer one is fully written."""
     resume: Literal["never", "auto", "always"] = "never"
-    """Continue from the newest complete checkpoint in output.dir: auto when there is one, always (as --resume) or never."""
+    """Continue from the newest complete checkpoint in output.dir: always (as --resume), never, or auto: continue when there is one, else start, and do nothing when this run already finished."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped, not applied)."""
 

@@ -1,22 +1,32 @@
 """The DPO training loop: one explicit loop, no Trainer.
 
-``train`` runs a training run in three phases, each a function of this module:
+``train`` runs a training run in phases, each a function of this module:
 
+- ``finished_run``: with train.resume=auto, a run that already finished with these settings is done.
 - ``setup_run`` checks the output directory and the settings, reads and tokenizes the data,
-  loads the model (or takes pre-built pieces), builds the optimizer and schedule, precomputes the
-  reference and restores a checkpoint. Everything the user can get wrong is checked before the
-  output directory is touched, so a mistake never leaves a half-written run behind.
+  checks them against the checkpoint when resuming, loads the model (or takes pre-built pieces),
+  builds the optimizer, the data stream and the schedule, precomputes the reference and restores
+  the checkpoint. Everything the user can get wrong is checked before the output directory is
+  touched, so a mistake never leaves a half-written run behind.
 - ``run_loop`` runs the optimizer steps (``train_step``); after each, ``record`` logs the metrics
   row, ``evaluation_row`` evaluates and ``save_checkpoint`` saves on schedule.
 - ``finish_run`` saves the adapter and tokenizer, and summary.json last.
 
 Per optimizer step, for each micro-batch: reference log-probs (no grad, adapters off), policy
 log-probs (adapters on), the loss, backward. Then clip, step, schedule (``DpoStep``).
+
+Where other work attaches: settings found by trying the model go in ``setup_run`` after the model
+loads and before the stream counts micro-batches; work due every N steps goes in ``run_loop``
+beside the evaluation; every metrics row passes through ``record``; ``PairStream.next_step``
+hands out each step's pairs; the output directory is written only by ``_open_output``, ``record``,
+``save_checkpoint`` and ``finish_run``; work on the finished run follows ``finish_run``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -27,21 +37,23 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .batching import PairLogps, collate, length_grouped_batches, pair_logps
-from .checkpoint import CHECKPOINT_PREFIX, complete_checkpoints, remove_partial_writes, restore_checkpoint, write_checkpoint
+from .batching import PairLogps, collate, length_grouped_batches, pair_logps, score_pairs
+from .checkpoint import (CHECKPOINT_PREFIX, complete_checkpoints, read_trainer_state, remove_partial_writes,
+                         restore_checkpoint, write_checkpoint)
 from .config import Config, load_config, save_config
 from .data import PreferenceData, TokenizedPair, read_preference_examples, tokenize_preference_data
 from .errors import Interrupted, LoraDpoError, one_line
 from .losses import PreferenceLoss, needs_reference, preference_loss, reward_definition
 from .modeling import (REFERENCE_ADAPTER, TRAINED_ADAPTER, autocast_for, load_model, load_tokenizer, reference_model,
                        resolve_compute_dtype, resolve_device, save_adapter, trainable_parameters)
-from .reference_cache import ReferenceTable, reference_logps_for
+from .reference_cache import ReferenceTable, pairs_digest, reference_logps_for
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +66,7 @@ class RunSummary:
     output_dir: str
     steps: int
     train_pairs: int
+    """Pairs in the training set."""
     eval_pairs: int
     seconds: float
     final_train: dict[str, float]
@@ -62,10 +75,23 @@ class RunSummary:
     resumed_from_step: int = 0
     rewards: str = ""
     """What rewards/* in the metrics measure for the loss used."""
+    pairs_trained: int = 0
+    """Pairs the steps trained on, over the whole run (a pair counts once per epoch)."""
+    epochs: float = 0.0
+    """pairs_trained over train_pairs."""
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per resume: the step it continued from and the settings changed then ({key: [old, new]})."""
+    data_files: dict[str, str | None] = field(default_factory=dict)
+    """sha256 of the local data files the run read (None for a hub dataset)."""
+    already_finished: bool = False
+    """True when train.resume=auto found this run finished and trained nothing (not saved)."""
 
     def lines(self) -> list[str]:
-        out = [f"trained {self.steps} steps on {self.train_pairs} pairs in {self.seconds:.0f} s"
-               + (f" (resumed at step {self.resumed_from_step})" if self.resumed_from_step else "")]
+        out = [f"already finished: {self.output_dir} holds this run, with these settings and data; nothing to do"
+               ] if self.already_finished else []
+        out.append(f"trained {self.steps} steps on {self.pairs_trained} pairs ({self.epochs:.3g} epochs of the "
+                   f"{self.train_pairs} training pairs) in {self.seconds:.0f} s"
+                   + (f" (resumed at step {self.resumed_from_step})" if self.resumed_from_step else ""))
         if self.skipped_steps:
             out.append(f"{self.skipped_steps} steps skipped for a non-finite loss or gradient")
         if self.final_eval:
@@ -74,6 +100,22 @@ class RunSummary:
                        f"reward margin {e['rewards/margins']:.3f}, loss {e['loss']:.4f}")
         out.append(f"adapter, tokenizer, config and metrics in {self.output_dir}")
         return out
+
+    def write(self, path: Path) -> None:
+        """summary.json, atomically (its presence means the run finished)."""
+        fields = {k: v for k, v in self.__dict__.items() if k != "already_finished"}
+        temporary = path.with_name(f".tmp-{path.name}")
+        temporary.write_text(json.dumps(fields, indent=2) + "\n", encoding="utf-8")
+        temporary.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> "RunSummary":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------
+# The output directory
 
 
 def check_output_dir(path: Path, overwrite: bool, resume: str, protected: list[Path]) -> Path | None:
@@ -92,18 +134,19 @@ def check_output_dir(path: Path, overwrite: bool, resume: str, protected: list[P
                                "Fix: give the run a directory of its own, e.g. runs/NAME")
     if overwrite and resume == "always":
         raise LoraDpoError("--overwrite and --resume contradict each other. Fix: pass one of them")
-    empty = not path.is_dir() or not any(path.iterdir())
-    ours = (path / RUN_MARKER).is_file()
-    if not empty and not ours and (overwrite or resume != "never"):
-        raise LoraDpoError(f"output.dir {path} holds files that lora-dpo did not write, and --overwrite/--resume only "
-                           "act on lora-dpo runs. Fix: choose another output.dir")
-    if empty or overwrite:
+    entries = sorted(entry.name for entry in path.iterdir()) if path.is_dir() else []
+    if entries and not (path / RUN_MARKER).is_file():
+        # Whatever the flags: --overwrite and --resume only ever act on a directory lora-dpo made.
+        raise LoraDpoError(f"output.dir {path} holds files that lora-dpo did not write (such as {entries[0]}); a run "
+                           "writes only into an empty directory or one of its own. Fix: choose another output.dir")
+    if not entries or overwrite:
         if resume == "always":
             raise LoraDpoError(f"output.dir {path} holds no checkpoint to resume from. Fix: drop --resume "
                                "(or train.resume), or point output.dir at the interrupted run")
         return None
     if (path / SUMMARY_FILE).exists():
-        raise LoraDpoError(f"output.dir {path} already holds a finished run. Fix: choose another output.dir, "
+        nothing = ", so there is nothing to resume" if resume == "always" else ""
+        raise LoraDpoError(f"output.dir {path} already holds a finished run{nothing}. Fix: choose another output.dir, "
                            "or pass --overwrite to replace it")
     checkpoints = complete_checkpoints(path)
     if resume != "never" and checkpoints:
@@ -116,6 +159,38 @@ def check_output_dir(path: Path, overwrite: bool, resume: str, protected: list[P
     hint = ", or --resume to continue it" if checkpoints else ""
     raise LoraDpoError(f"output.dir {path} already holds a run. Fix: choose another output.dir, "
                        f"pass --overwrite to replace it{hint}")
+
+
+def finished_run(config: Config, overwrite: bool = False) -> RunSummary | None:
+    """With train.resume=auto, the summary of the run output.dir holds when it already finished
+    with these settings and data files; None when there is no such run.
+
+    A job that is started again after it finished (a cluster requeue, a sweep going over its
+    trials) then has nothing to do. A finished run made with other settings is an error: it
+    cannot be continued (no checkpoint is kept at the last step), only replaced.
+    """
+    out = Path(config.output.dir)
+    if (overwrite or config.train.resume != "auto" or not (out / SUMMARY_FILE).is_file()
+            or not (out / RUN_MARKER).is_file()):
+        return None
+    summary = RunSummary.read(out / SUMMARY_FILE)
+    changed = {key: change for key, change in _changed_settings(out / "config.yaml", config).items()
+               if resume_rule(key)[0] in ("refused", "checked", "applied")}
+    for key, digest in _data_file_digests(config).items():
+        before = summary.data_files.get(key)
+        if before is None or digest is None:
+            continue  # a hub dataset, or a summary that predates the digests: the name decides
+        if before == digest:
+            changed.pop(f"data.{key}", None)  # the same bytes, perhaps moved
+        else:
+            changed[f"data.{key}"] = "its contents changed"
+    if changed:
+        raise LoraDpoError(f"output.dir {out} holds a finished run made with other settings or data "
+                           f"({_describe_changes(changed)}). Fix: choose another output.dir, or pass --overwrite "
+                           "to replace it")
+    summary.already_finished = True
+    log.info("%s already holds this run, finished: nothing to do", out)
+    return summary
 
 
 def _clear_run(path: Path) -> None:
@@ -134,6 +209,262 @@ def _record_written(path: Path, names: set[str]) -> None:
     marker.write_text(json.dumps({"files": sorted(known | names | {SUMMARY_FILE})}) + "\n", encoding="utf-8")
 
 
+def _data_file_digests(config: Config) -> dict[str, str | None]:
+    """sha256 of the local data files (None for a hub dataset): how a later launch recognises the
+    same data without tokenizing it."""
+    digests: dict[str, str | None] = {}
+    for key in ("train_file", "eval_file"):
+        name = getattr(config.data, key)
+        if not name:
+            continue
+        path, digest = Path(name), hashlib.sha256()
+        if not path.is_file():
+            digests[key] = None
+            continue
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digests[key] = digest.hexdigest()
+    return digests
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: which settings may change (docs/reliability.md, "Resuming", holds the same table; a
+# test compares the two)
+
+_BASE_WEIGHTS = "the base weights the adapter was trained against"
+_PAIRS = "the training and held-out pairs"
+
+
+def _rules(rule: str, why: str, *keys: str) -> dict[str, tuple[str, str]]:
+    return {key: (rule, why) for key in keys}
+
+
+RESUME_RULES: dict[str, tuple[str, str]] = {
+    # refused: the checkpoint cannot carry over.
+    **_rules("refused", _BASE_WEIGHTS, "model.name_or_path", "model.revision", "model.load_in_4bit", "model.double_quant"),
+    **_rules("refused", "the starting adapter and the reference", "model.init_adapter"),
+    **_rules("refused", "the adapter's shape and scaling", "lora.*"),
+    **_rules("refused", "the layout of the optimizer state", "train.optim"),
+    **_rules("refused", "the held-out split and the order of the pairs", "train.seed"),
+    # checked: refused when the tokenized pairs differ from the checkpoint's fingerprint of them.
+    **_rules("checked", _PAIRS, "data.train_file", "data.train_split", "data.eval_file", "data.eval_split",
+             "data.eval_fraction", "data.prompt_column", "data.chosen_column", "data.rejected_column",
+             "data.max_length", "data.max_prompt_length", "data.on_bad_row"),
+    # applied from the checkpoint's step on.
+    **_rules("applied", "how many steps, and their size", "train.micro_batch_size",
+             "train.gradient_accumulation_steps", "train.epochs", "train.max_steps"),
+    **_rules("applied", "the learning-rate schedule, rebuilt at the checkpoint's step", "train.learning_rate",
+             "train.lr_scheduler", "train.warmup_ratio", "train.warmup_steps"),
+    **_rules("applied", "the update", "train.weight_decay", "train.max_grad_norm"),
+    **_rules("applied", "the loss", "dpo.loss", "dpo.losses", "dpo.beta", "dpo.label_smoothing", "dpo.robust_epsilon",
+             "dpo.rpo_alpha", "dpo.simpo_gamma", "dpo.orpo_lambda"),
+    **_rules("applied", "the rounding of every computation", "model.compute_dtype"),
+    **_rules("applied", "the batches of the next epochs", "data.group_by_length"),
+    **_rules("applied", "what the run writes and when it stops", "train.eval_every", "train.save_every",
+             "train.log_every", "train.keep_last", "train.max_bad_steps"),
+    # speed: applied, and the numbers stay the same up to rounding.
+    **_rules("speed", "speed and memory only", "model.gradient_checkpointing", "model.checkpoint_layers",
+             "model.compile", "model.attn_implementation", "model.device", "data.layout", "data.pack_length",
+             "dpo.logps_chunk_size", "dpo.precompute_reference", "dpo.reference_cache_dir"),
+    # irrelevant: nothing the run computes depends on them.
+    **_rules("irrelevant", "nothing the run computes", "model.trust_remote_code", "train.resume", "output.dir"),
+}
+
+
+def resume_rule(key: str) -> tuple[str, str]:
+    """(rule, what the setting decides) for a dotted config key: rule is refused, checked, applied,
+    speed or irrelevant. A key missing from the table is applied."""
+    section = key.split(".")[0] + ".*"
+    return RESUME_RULES.get(key) or RESUME_RULES.get(section) or ("applied", "the run from the checkpoint on")
+
+
+def check_resume_settings(checkpoint: Path, out: Path, config: Config) -> dict[str, list[Any]]:
+    """Refuse settings that cannot change since ``checkpoint`` was made; return the others that
+    changed ({key: [old, new]}), which apply from the checkpoint's step on."""
+    saved = checkpoint / "config.yaml"
+    changed = _changed_settings(saved if saved.is_file() else out / "config.yaml", config)
+    refused = {key: change for key, change in changed.items() if resume_rule(key)[0] == "refused"}
+    if refused:
+        decides = " and ".join(dict.fromkeys(resume_rule(key)[1] for key in refused))
+        raise LoraDpoError(f"cannot resume with changed {', '.join(refused)}: {checkpoint.name} was made with "
+                           f"{', '.join(f'{key}={old!r}' for key, (old, _) in refused.items())}, and "
+                           f"{'these decide' if len(refused) > 1 else 'it decides'} {decides}. Fix: restore "
+                           f"{'those settings' if len(refused) > 1 else 'it'}, or pass --overwrite to start again")
+    changed = {key: change for key, change in changed.items() if resume_rule(key)[0] != "irrelevant"}
+    if changed:
+        log.warning("resuming with changed settings, applied from the checkpoint on: %s", _describe_changes(changed))
+    return changed
+
+
+def _changed_settings(saved: Path, config: Config) -> dict[str, list[Any]]:
+    if not saved.is_file():
+        return {}
+    before, after = _flatten(load_config(saved).to_dict()), _flatten(config.to_dict())
+    return {key: [before.get(key), value] for key, value in after.items() if before.get(key) != value}
+
+
+def _describe_changes(changed: dict[str, Any]) -> str:
+    """``key: old -> new`` for [old, new] pairs, ``key: note`` for a note."""
+    return ", ".join(f"{key}: {change}" if isinstance(change, str) else f"{key}: {change[0]!r} -> {change[1]!r}"
+                     for key, change in changed.items())
+
+
+def data_fingerprint(data: PreferenceData) -> dict[str, Any]:
+    """sha256 over the token ids of each split (reference_cache.pairs_digest) and the pair counts:
+    kept in every checkpoint, so a resume on other data is refused."""
+    return {"train": pairs_digest(data.train), "eval": pairs_digest(data.eval),
+            "train_pairs": len(data.train), "eval_pairs": len(data.eval)}
+
+
+def _check_resume_data(checkpoint: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    if saved is None:
+        log.warning("%s holds no fingerprint of its data (an older checkpoint): the data cannot be checked", checkpoint)
+        return
+    for split, what in (("train", "training"), ("eval", "held-out")):
+        if saved[split] != now[split]:
+            raise LoraDpoError(
+                f"cannot resume from {checkpoint}: the {what} pairs differ from those it was trained with "
+                f"({saved[f'{split}_pairs']} pairs then, {now[f'{split}_pairs']} now: the data, or how it is read or "
+                "tokenized, changed). Fix: restore the data the run started with, or pass --overwrite to start again")
+
+
+def _check_resume_progress(checkpoint: Path, saved: dict[str, Any], config: Config, size: int) -> None:
+    """Refuse a resume that would train nothing: the checkpoint already reached the new end."""
+    step, consumed = saved["step"], saved.get("pairs_consumed", 0)
+    if config.train.max_steps is not None:
+        if config.train.max_steps <= step:
+            raise LoraDpoError(f"cannot resume from {checkpoint}: it is at step {step}, and train.max_steps="
+                               f"{config.train.max_steps} leaves nothing to train. Fix: set train.max_steps above "
+                               f"{step}, or pass --overwrite to start again")
+        return
+    target = target_pairs(config, size)
+    if target is not None and consumed >= target:
+        raise LoraDpoError(f"cannot resume from {checkpoint}: it has trained {consumed} pairs ({consumed / size:.3g} "
+                           f"epochs), and train.epochs={config.train.epochs:g} asks for {target}, so nothing is left. "
+                           f"Fix: raise train.epochs above {consumed / size:.3g}, or pass --overwrite to start again")
+
+
+def _apply_current_settings(optimizer: torch.optim.Optimizer, config: Config) -> None:
+    """A restored optimizer keeps the hyper-parameters it was saved with; the current ones win.
+    initial_lr is the schedule's peak: build_scheduler sets each step's rate from it."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.train.learning_rate
+        group["weight_decay"] = config.train.weight_decay
+
+
+# ---------------------------------------------------------------------------------------------
+# The data stream and the number of steps
+
+
+def target_pairs(config: Config, size: int) -> int | None:
+    """Pairs a run counted in epochs trains on: round(epochs x training pairs), so each pair once
+    per epoch; None when train.max_steps counts the steps instead."""
+    return None if config.train.max_steps else max(1, round(config.train.epochs * size))
+
+
+def draw_epoch(pairs: Sequence[TokenizedPair], seed: int, micro_batch_size: int, group_by_length: bool,
+               layout: str) -> list[list[int]]:
+    """One epoch of micro-batches (lists of pair indices): shuffled with ``seed``, or length-grouped."""
+    if group_by_length:
+        return length_grouped_batches(pairs, micro_batch_size, seed, layout)
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+
+
+class PairStream:
+    """The training pairs as optimizer steps of micro-batches, epoch after epoch.
+
+    Epoch e visits every pair once, in an order drawn with seed + e (``draw_epoch``). A step takes
+    up to gradient_accumulation_steps micro-batches and never spans two epochs, so the last step
+    of an epoch takes what is left and may be short.
+
+    The position is a count of pairs, not of micro-batches, so a run resumed with another
+    micro-batch size goes on with exactly the pairs it has not seen. The epoch in progress keeps
+    the order it was drawn in (``epoch_draw``: length grouping depends on the micro-batch size
+    and the layout too), re-cut when the micro-batch size changed; the next epochs are drawn with
+    the current settings.
+    """
+
+    def __init__(self, pairs: Sequence[TokenizedPair], micro_batch_size: int, accumulation: int, seed: int,
+                 group_by_length: bool = False, layout: str = "padded", position: dict[str, Any] | None = None):
+        self.pairs, self.micro_batch_size, self.accumulation, self.seed = pairs, micro_batch_size, accumulation, seed
+        self.draw = {"micro_batch_size": micro_batch_size, "group_by_length": group_by_length, "layout": layout}
+        position = position or {}
+        self.consumed: int = position.get("pairs_consumed", 0)
+        """Pairs handed out since the start of the run."""
+        self.epoch_draw: dict[str, Any] | None = position.get("epoch_draw")
+        """The settings the epoch in progress was drawn with; None between epochs."""
+        self._queue: deque[list[int]] | None = None
+
+    def position(self) -> dict[str, Any]:
+        """What a checkpoint stores to continue exactly here."""
+        return {"pairs_consumed": self.consumed, "epoch_draw": self.epoch_draw}
+
+    def next_step(self, limit: int | None = None) -> list[list[int]]:
+        """The micro-batches of the next step; at most ``limit`` pairs in all (the run's last step)."""
+        queue = self._epoch_queue()
+        step = _take_step(queue, self.accumulation, limit)
+        self.consumed += sum(len(batch) for batch in step)
+        if not queue:  # the epoch is done; the next one is drawn with the current settings
+            self._queue, self.epoch_draw = None, None
+        return step
+
+    def steps_until(self, target: int) -> int:
+        """Steps from here until ``target`` pairs (counted from the start of the run) are handed out."""
+        size, consumed, steps = len(self.pairs), self.consumed, 0
+        queue = deque(self._epoch_queue()) if consumed < target else deque()
+        whole_epoch = math.ceil(math.ceil(size / self.micro_batch_size) / self.accumulation)
+        while consumed < target:
+            if not queue:
+                if consumed + size <= target:  # a whole epoch: ceil(pairs / micro-batch) micro-batches, however drawn
+                    consumed, steps = consumed + size, steps + whole_epoch
+                    continue
+                queue = deque(draw_epoch(self.pairs, self.seed + consumed // size, **self.draw))
+            consumed += sum(len(batch) for batch in _take_step(queue, self.accumulation, target - consumed))
+            steps += 1
+        return steps
+
+    def _epoch_queue(self) -> deque[list[int]]:
+        if self._queue is None:
+            size = len(self.pairs)
+            if self.epoch_draw is None:
+                self.epoch_draw = dict(self.draw)
+            batches = draw_epoch(self.pairs, self.seed + self.consumed // size, **self.epoch_draw)
+            self._queue = deque(_rest_of_epoch(batches, self.consumed % size, self.epoch_draw["micro_batch_size"],
+                                               self.micro_batch_size))
+        return self._queue
+
+
+def _take_step(queue: deque[list[int]], accumulation: int, limit: int | None) -> list[list[int]]:
+    step: list[list[int]] = []
+    taken = 0
+    while queue and len(step) < accumulation and (limit is None or taken < limit):
+        batch = queue.popleft()
+        if limit is not None and taken + len(batch) > limit:
+            queue.appendleft(batch[limit - taken :])
+            batch = batch[: limit - taken]
+        step.append(batch)
+        taken += len(batch)
+    return step
+
+
+def _rest_of_epoch(batches: list[list[int]], offset: int, drawn_size: int, size: int) -> list[list[int]]:
+    """The epoch's micro-batches after its first ``offset`` pairs, re-cut to ``size`` pairs each
+    when the epoch was drawn with another micro-batch size."""
+    rest: list[list[int]] = []
+    seen = 0
+    for batch in batches:
+        if seen + len(batch) > offset:
+            rest.append(batch[max(0, offset - seen) :])
+        seen += len(batch)
+    if drawn_size != size:
+        flat = [index for batch in rest for index in batch]
+        rest = [flat[i : i + size] for i in range(0, len(flat), size)]
+    return rest
+
+
 # ---------------------------------------------------------------------------------------------
 # The run: setup, loop, finish
 
@@ -147,6 +478,7 @@ class Run:
     device: torch.device
     tokenizer: Any
     data: PreferenceData
+    data_fingerprint: dict[str, Any]
     model: Any
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -155,12 +487,13 @@ class Run:
     reference_tables: dict[str, ReferenceTable | None]
     """Precomputed reference log-probs per split ("train", "eval"), or None to run the reference per step."""
     step_runner: "DpoStep"
+    stream: PairStream
     state: dict[str, Any]
-    """What every checkpoint saves besides the weights: step, data position, skipped steps, last evaluation."""
+    """What every checkpoint saves besides the weights: step, skipped steps, last evaluation, resumes."""
     total_steps: int
+    target_pairs: int | None
+    """Pairs the run trains on when it counts epochs; None when train.max_steps counts steps."""
     start_step: int
-    stream: Iterator[list[int]]
-    """Micro-batches (lists of training-pair indices) from the checkpoint's data position on."""
     started: float = field(default_factory=time.perf_counter)
     last_train: dict[str, Any] = field(default_factory=dict)
     """The newest train metrics row."""
@@ -175,7 +508,12 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None,
     """Train a LoRA adapter with DPO as ``config`` says; returns what the run achieved.
 
     ``model``, ``tokenizer`` and ``data`` are pieces a caller already built (see ``setup_run``).
+    With train.resume=auto, a run that already finished with these settings is not trained again:
+    its summary comes back with ``already_finished`` set.
     """
+    done = finished_run(config, overwrite)
+    if done is not None:
+        return done
     with _compile_errors_as_one_line(config):
         run = setup_run(config, overwrite, model=model, tokenizer=tokenizer, data=data)
         run_loop(run, progress)
@@ -199,8 +537,9 @@ def _compile_errors_as_one_line(config: Config) -> Iterator[None]:
 def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tokenizer: Any = None,
               data: PreferenceData | None = None) -> Run:
     """Everything before the first step, in the order that keeps mistakes cheap: the output
-    directory and the settings are checked, then the data is read and tokenized, and only then is
-    the model loaded; nothing is written to the output directory before all of that passed.
+    directory and the settings are checked, then the data is read, tokenized and (on a resume)
+    checked against the checkpoint, and only then is the model loaded; nothing is written to the
+    output directory before all of that passed.
 
     A caller that trains several times in one process (a sweep) passes what it already built:
     ``tokenizer`` with ``data`` (``data.tokenize_preference_data`` under this config's data
@@ -210,8 +549,10 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
     out = Path(config.output.dir)
     data_files = [Path(f) for f in (config.data.train_file, config.data.eval_file) if f and Path(f).exists()]
     resume_from = check_output_dir(out, overwrite, config.train.resume, data_files)
+    saved_state, changes = None, {}
     if resume_from is not None:
-        _check_config_changes(out / "config.yaml", config)
+        changes = check_resume_settings(resume_from, out, config)
+        saved_state = read_trainer_state(resume_from)
     _seed_everything(config.train.seed)
     device = resolve_device(config.model.device)
     if data is None:
@@ -222,33 +563,41 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
             log.info("data %s", report.summary())
     elif tokenizer is None:
         raise ValueError("setup_run: data= needs the tokenizer= it was tokenized with")
+    fingerprint = data_fingerprint(data)
+    if saved_state is not None:
+        _check_resume_data(resume_from, saved_state.get("data"), fingerprint)
+        _check_resume_progress(resume_from, saved_state, config, len(data.train))
     if model is None:
         model = load_model(config, device)
     else:
         fresh_adapter(model, config)
+    # Anything that picks settings by trying the model (a micro-batch size that fits) runs here:
+    # the model and data exist, and nothing below has counted in micro-batches yet.
     compute_dtype = resolve_compute_dtype(config.model, device)
     # float16 gradients of small LoRA updates underflow without loss scaling; bfloat16 needs none.
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
-
-    micro_batch_size = config.train.micro_batch_size
-    accumulation = config.train.gradient_accumulation_steps
-    batches_per_epoch = math.ceil(len(data.train) / micro_batch_size)
-    total_steps = config.train.max_steps or max(1, math.ceil(config.train.epochs * batches_per_epoch / accumulation))
     optimizer = build_optimizer(config, trainable_parameters(model), device)
-    warmup = config.train.warmup_steps if config.train.warmup_steps is not None else round(config.train.warmup_ratio * total_steps)
-    scheduler = build_scheduler(config, optimizer, warmup, total_steps)
     reference_tables = _reference_tables(config, model, data, compute_dtype, tokenizer.pad_token_id)
-    state = _open_output(out, resume_from, model, optimizer, scheduler, scaler)
+    state = _open_output(out, resume_from, model, optimizer, scaler, changes)
+    if resume_from is not None:
+        _apply_current_settings(optimizer, config)
+
+    train_config = config.train
+    stream = PairStream(data.train, train_config.micro_batch_size, train_config.gradient_accumulation_steps,
+                        train_config.seed, config.data.group_by_length, config.data.layout, position=state)
+    target = target_pairs(config, len(data.train))
+    total_steps = train_config.max_steps or state["step"] + stream.steps_until(target)
+    warmup = (train_config.warmup_steps if train_config.warmup_steps is not None
+              else round(train_config.warmup_ratio * total_steps))
+    scheduler = build_scheduler(config, optimizer, warmup, total_steps, start_step=state["step"])
     save_config(config, out / "config.yaml")
-    log.info("training %d steps of %d pairs (%d train, %d held-out pairs) on %s, %s", total_steps,
-             micro_batch_size * accumulation, len(data.train), len(data.eval), device,
-             str(compute_dtype).removeprefix("torch."))
+    pairs_per_step = train_config.micro_batch_size * train_config.gradient_accumulation_steps
+    log.info("training %d steps of up to %d pairs (%d train, %d held-out pairs) on %s, %s", total_steps, pairs_per_step,
+             len(data.train), len(data.eval), device, str(compute_dtype).removeprefix("torch."))
     log.info("loss %s; rewards/* are %s", config.dpo.loss, reward_definition(config.dpo))
-    stream = _micro_batch_stream(data.train, micro_batch_size, config.train.seed, config.data.group_by_length,
-                                 config.data.layout, skip=state["batches_consumed"])
-    return Run(config, out, device, tokenizer, data, model, optimizer, scheduler, scaler, reference_tables,
-               DpoStep(config, model, optimizer, scheduler, scaler, device, tokenizer.pad_token_id), state,
-               total_steps, state["step"], stream)
+    step_runner = DpoStep(config, model, optimizer, scheduler, scaler, device, tokenizer.pad_token_id)
+    return Run(config, out, device, tokenizer, data, fingerprint, model, optimizer, scheduler, scaler,
+               reference_tables, step_runner, stream, state, total_steps, target, state["step"])
 
 
 def fresh_adapter(model: Any, config: Config) -> None:
@@ -294,14 +643,16 @@ def _reference_tables(config: Config, model: Any, data: PreferenceData, compute_
     return tables
 
 
-def _open_output(out: Path, resume_from: Path | None, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
+def _open_output(out: Path, resume_from: Path | None, model: Any, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None, changes: dict[str, list[Any]]) -> dict[str, Any]:
     """The first write to the output directory: restore the checkpoint, or clear what an earlier
     run wrote and start afresh. Returns the trainer state to continue from."""
     metrics_path = out / "metrics.jsonl"
     if resume_from is not None:
         remove_partial_writes(out)
-        state = restore_checkpoint(resume_from, model, optimizer, scheduler, scaler, metrics_path)
+        state = restore_checkpoint(resume_from, model, optimizer, scaler, metrics_path)
+        state.pop("batches_consumed", None)  # older checkpoints: the position is pairs_consumed
+        state.setdefault("resumes", []).append({"step": state["step"], "changed": changes})
         log.info("resuming from %s (step %d)", resume_from, state["step"])
         return state
     if (out / RUN_MARKER).is_file():
@@ -309,13 +660,14 @@ def _open_output(out: Path, resume_from: Path | None, model: Any, optimizer: tor
     out.mkdir(parents=True, exist_ok=True)
     _record_written(out, {"config.yaml", "metrics.jsonl"})
     metrics_path.write_text("", encoding="utf-8")
-    return {"step": 0, "batches_consumed": 0, "pairs_consumed": 0, "skipped_steps": 0, "consecutive_bad_steps": 0,
-            "last_eval": None}
+    return {"step": 0, "pairs_consumed": 0, "epoch_draw": None, "skipped_steps": 0, "consecutive_bad_steps": 0,
+            "last_eval": None, "resumes": []}
 
 
 def run_loop(run: Run, progress: bool | None = None) -> None:
     """The optimizer steps from ``run.start_step`` to ``run.total_steps``; after each: log, check
-    for runs of bad steps, evaluate and save on schedule. SIGINT/SIGTERM end it with a checkpoint."""
+    for runs of bad steps, evaluate and save on schedule. SIGINT/SIGTERM end it with a checkpoint.
+    Work due every N steps (evaluation, and anything else periodic) goes beside the evaluation."""
     config, total = run.config, run.total_steps
     bar = _progress_bar(total, progress, initial=run.start_step)
     stop = _StopRequest()
@@ -352,17 +704,16 @@ def run_loop(run: Run, progress: bool | None = None) -> None:
 
 
 def train_step(run: Run, step: int) -> dict[str, Any]:
-    """One optimizer step on the next micro-batches of the stream; returns its metrics row."""
+    """One optimizer step on the next pairs of the stream; returns its metrics row."""
     started = time.perf_counter()
     state, pairs = run.state, run.data.train
-    micro_batches = [next(run.stream) for _ in range(run.config.train.gradient_accumulation_steps)]
+    limit = None if run.target_pairs is None else run.target_pairs - run.stream.consumed
+    micro_batches = run.stream.next_step(limit)
     try:
         metrics, applied, bad = run.step_runner(pairs, micro_batches, run.reference_tables["train"])
     except torch.OutOfMemoryError as exc:
         raise _out_of_memory(run.config, f"at step {step}", [pairs[i] for b in micro_batches for i in b]) from exc
     state["step"] = step
-    state["batches_consumed"] += len(micro_batches)
-    state["pairs_consumed"] += sum(len(b) for b in micro_batches)
     if not applied:
         state["skipped_steps"] += 1
     if bad:
@@ -373,7 +724,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         state["consecutive_bad_steps"] = 0
     seconds = time.perf_counter() - started
     tokens = metrics.pop("tokens")
-    run.last_train = {"step": step, "split": "train", "epoch": state["pairs_consumed"] / len(pairs), **metrics,
+    run.last_train = {"step": step, "split": "train", "epoch": run.stream.consumed / len(pairs), **metrics,
                       "tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": not applied,
                       **_memory(run.device)}
     return run.last_train
@@ -392,16 +743,21 @@ def _stop_after_bad_steps(run: Run, step: int) -> None:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-    """Mean metrics over every held-out pair, without gradients and with dropout off."""
-    run.model.eval()
+    """Mean metrics over every held-out pair: the policy's and the reference's log-probs from
+    ``batching.score_pairs`` (no gradients, dropout off), then the loss as a step computes it."""
+    config, pairs = run.config, run.data.eval
+    scoring = dict(micro_batch_size=config.train.micro_batch_size, layout=config.data.layout,
+                   chunk_size=config.dpo.logps_chunk_size, pack_length=config.data.pack_length,
+                   compute_dtype=resolve_compute_dtype(config.model, run.device))
+    pad_id = run.tokenizer.pad_token_id
+    policy = score_pairs(run.model, pairs, pad_id, **scoring)
+    reference = None
+    if run.reference_tables["eval"] is not None:
+        reference = run.reference_tables["eval"].lookup(range(len(pairs)), run.device)
+    elif needs_reference(config.dpo):
+        reference = score_pairs(run.model, pairs, pad_id, reference=True, **scoring)
     totals = _MetricSums()
-    pairs, size = run.data.eval, run.config.train.micro_batch_size
-    with torch.no_grad():
-        for start in range(0, len(pairs), size):
-            indices = list(range(start, min(start + size, len(pairs))))
-            result, policy, _ = run.step_runner.forward(pairs, indices, run.reference_tables["eval"])
-            totals.add(result, policy)
-    run.model.train()
+    totals.add(preference_loss(config.dpo, policy, reference), policy)
     return totals.means()
 
 
@@ -423,24 +779,28 @@ def record(run: Run, row: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run: Run, step: int) -> Path:
-    return write_checkpoint(run.out, step, run.model, run.optimizer, run.scheduler, run.scaler, run.state,
-                            run.metrics_path, run.config.train.keep_last)
+    """checkpoint-STEP: the weights, the trainer state with the data position and fingerprint, and
+    copies of the metrics so far and of the config it was made with."""
+    run.state.update(run.stream.position(), data=run.data_fingerprint)
+    return write_checkpoint(run.out, step, run.model, run.optimizer, run.scaler, run.state,
+                            [run.metrics_path, run.out / "config.yaml"], run.config.train.keep_last)
 
 
 def finish_run(run: Run) -> RunSummary:
     """Save the adapter and tokenizer, then summary.json (last and atomically: its presence means
-    the run finished)."""
+    the run finished). Steps that read the finished run (a final report) come after this."""
     out = run.out
     before = {entry.name for entry in out.iterdir()}
     save_adapter(run.model, out)
     run.tokenizer.save_pretrained(out)
     _record_written(out, {entry.name for entry in out.iterdir()} - before)
-    summary = RunSummary(str(out), run.total_steps, len(run.data.train), len(run.data.eval),
-                         time.perf_counter() - run.started, run.last_train, run.state["last_eval"],
-                         run.state["skipped_steps"], run.start_step, reward_definition(run.config.dpo))
-    temporary = out / f".tmp-{SUMMARY_FILE}"
-    temporary.write_text(json.dumps(summary.__dict__, indent=2) + "\n", encoding="utf-8")
-    temporary.replace(out / SUMMARY_FILE)
+    size = len(run.data.train)
+    summary = RunSummary(str(out), run.total_steps, size, len(run.data.eval), time.perf_counter() - run.started,
+                         run.last_train, run.state["last_eval"], run.state["skipped_steps"], run.start_step,
+                         reward_definition(run.config.dpo), pairs_trained=run.stream.consumed,
+                         epochs=run.stream.consumed / size, resumes=run.state.get("resumes", []),
+                         data_files=_data_file_digests(run.config))
+    summary.write(out / SUMMARY_FILE)
     return summary
 
 
@@ -573,22 +933,6 @@ def _out_of_memory(config: Config, when: str, pairs: list[TokenizedPair]) -> Lor
         "null (every layer); --debug shows the traceback")
 
 
-def _check_config_changes(saved: Path, config: Config) -> None:
-    if not saved.exists():
-        return
-    before, after = _flatten(load_config(saved).to_dict()), _flatten(config.to_dict())
-    changed = sorted(k for k in after if before.get(k) != after[k] and k != "train.resume")
-    # These decide the shapes of the adapter and the optimizer state: a checkpoint cannot carry over.
-    structural = [k for k in changed if k.startswith("lora.") or k in (
-        "train.optim", "model.name_or_path", "model.init_adapter", "model.load_in_4bit")]
-    if structural:
-        raise LoraDpoError(f"cannot resume with changed {', '.join(structural)} (the checkpoints were made with "
-                           f"{', '.join(f'{k}={before.get(k)!r}' for k in structural)}). Fix: restore those settings, "
-                           "or pass --overwrite to start again")
-    if changed:
-        log.warning("resuming with changed settings: %s", ", ".join(f"{k}: {before.get(k)!r} -> {after[k]!r}" for k in changed))
-
-
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
@@ -632,24 +976,6 @@ class _MetricSums:
         return {name: total / max(1, self.pairs) for name, total in zip(names, totals)}
 
 
-def _micro_batch_stream(pairs: list[TokenizedPair], micro_batch_size: int, seed: int, group_by_length: bool,
-                        layout: str, skip: int = 0) -> Iterator[list[int]]:
-    """Endless epochs of micro-batches (lists of pair indices); epoch e is drawn with seed + e, so
-    runs are repeatable and a resumed run continues where its checkpoint left off (``skip``
-    micro-batches in). The last micro-batch of an epoch may be smaller."""
-    batches_per_epoch = math.ceil(len(pairs) / micro_batch_size)
-    epoch, position = divmod(skip, batches_per_epoch)
-    while True:
-        if group_by_length:
-            batches = length_grouped_batches(pairs, micro_batch_size, seed + epoch, layout)
-        else:
-            order = list(range(len(pairs)))
-            random.Random(seed + epoch).shuffle(order)
-            batches = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
-        yield from batches[position:]
-        epoch, position = epoch + 1, 0
-
-
 def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     settings = dict(lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
     if config.train.optim == "paged_adamw_8bit":
@@ -662,11 +988,20 @@ def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: to
     return torch.optim.AdamW(params, **settings)
 
 
-def build_scheduler(config: Config, optimizer: torch.optim.Optimizer, warmup: int, total: int) -> Any:
-    from transformers import get_scheduler
+def build_scheduler(config: Config, optimizer: torch.optim.Optimizer, warmup: int, total: int,
+                    start_step: int = 0) -> Any:
+    """The learning-rate schedule of ``total`` steps, placed at ``start_step`` (a resume): the rate
+    of each step is a function of the current settings and the step number alone, so a resumed run
+    continues the uninterrupted one exactly, and changed settings take effect at once."""
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
 
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[config.train.lr_scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    # last_epoch=start-1: the scheduler's own first step moves it to start, as start steps would have.
+    last_epoch = start_step - 1
+    if config.train.lr_scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup, last_epoch=last_epoch)
+    build = get_linear_schedule_with_warmup if config.train.lr_scheduler == "linear" else get_cosine_schedule_with_warmup
+    return build(optimizer, warmup, total, last_epoch=last_epoch)
 
 
 def _progress_bar(total: int, progress: bool | None, initial: int = 0) -> Any:

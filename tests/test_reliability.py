@@ -149,7 +149,7 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_ones(llama_dir, demo_r
     monkeypatch.setattr(checkpoint_module, "save_state", dies)
     with pytest.raises(OSError):
         stateful = SimpleNamespace(state_dict=lambda: {})
-        write_checkpoint(out, 9, None, stateful, stateful, None, {}, out / "metrics.jsonl", keep_last=2)
+        write_checkpoint(out, 9, None, stateful, None, {}, [out / "metrics.jsonl"], keep_last=2)
     assert [p.name for p in complete_checkpoints(out)] == before  # untouched, and no checkpoint-9
     assert not (out / "checkpoint-9").exists()
 
