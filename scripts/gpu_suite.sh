@@ -44,6 +44,10 @@ python=${PYTHON:-python3}
 out=$(realpath -m "${1:-${OUT:-gpu-suite}}")
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# The allocator setting is each stage's own (8b-long sets it): one inherited from the caller would
+# change every stage's reserved memory and break the like-for-like comparison.
+inherited_alloc_conf=${PYTORCH_CUDA_ALLOC_CONF:-}
+unset PYTORCH_CUDA_ALLOC_CONF
 
 scratch=${SCRATCH:-}
 if [[ -z ${PLAN:-} ]]; then
@@ -54,6 +58,7 @@ if [[ -z ${PLAN:-} ]]; then
   {
     echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'); $(($(date +%s) - start)) s since SUITE_START (install and call start)"
     echo "stages: $stages${SKIP:+ (skip: $SKIP)}; BUDGET ${budget} s; stage files in $scratch"
+    [[ -n $inherited_alloc_conf ]] && echo "PYTORCH_CUDA_ALLOC_CONF=$inherited_alloc_conf was set by the caller; cleared"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
     # Version and location of each package (the image's, or the wheels installed for the run):
     # what `pip show` reports, without pip's own start-up.

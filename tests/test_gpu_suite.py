@@ -36,7 +36,9 @@ def test_smoke_suite_delivers_everything_in_three_files(tmp_path):
     """SMOKE=1 of the default (one-call) stages: every table with TRL's rows and the ratios, each
     printed as its stage ends and the 8b tables again last; OUT holds tables.md, suite.tar.gz and
     environment.txt only; the long-row stage runs TRL too, with the cap and the allocator setting."""
-    result = _suite(tmp_path, SMOKE="1", SUITE_START=str(int(time.time())))
+    # A caller's allocator setting is cleared: only 8b-long sets one.
+    result = _suite(tmp_path, SMOKE="1", SUITE_START=str(int(time.time())),
+                    PYTORCH_CUDA_ALLOC_CONF="garbage_collection_threshold:0.6")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["environment.txt", "suite.tar.gz", "tables.md"]
@@ -58,6 +60,7 @@ def test_smoke_suite_delivers_everything_in_three_files(tmp_path):
     environment = (out / "environment.txt").read_text()
     assert re.search(r"^torch 2\.\S+ /", environment, re.M) and re.search(r"^pyarrow ", environment, re.M)
     assert re.search(r"^fsspec ", environment, re.M) and "s since SUITE_START" in environment
+    assert "PYTORCH_CUDA_ALLOC_CONF=garbage_collection_threshold:0.6 was set by the caller; cleared" in environment
 
     main = json.loads((scratch / "8b.json").read_text())
     long = json.loads((scratch / "8b-long.json").read_text())
