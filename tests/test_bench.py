@@ -6,6 +6,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -35,38 +37,57 @@ def _run(*args, tmp_path):
                           text=True, env=env, timeout=600, cwd=tmp_path)
 
 
-def test_tiny_cpu_run_prints_table_and_json(tmp_path):
-    out = tmp_path / "bench.json"
-    result = _run("--shape", "tiny", "--steps", "2", "--warmup", "1", "--skip-trl", "--json", str(out),
-                  "--profile", str(tmp_path / "profile"), "--check-layouts", tmp_path=tmp_path)
+def documented_smoke_command() -> list[str]:
+    """The CPU smoke command of docs/benchmarks.md, as written there."""
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+    block = text.split("### CPU smoke run (no timing claims)\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    (line,) = [line for line in block.splitlines() if "scripts/bench.py" in line]
+    return shlex.split(line)
+
+
+def test_documented_smoke_command_runs_every_layout(tmp_path):
+    """docs/benchmarks.md's smoke command, run as written (only --model-root added, and its paths
+    put under tmp_path): every layout in both modes, the agreement check, the breakdown and one profile."""
+    words = documented_smoke_command()
+    assert words[:3] == ["OMP_NUM_THREADS=1", "python", "scripts/bench.py"]
+    assert words[words.index("--layouts") + 1].split(",") == ["padded", "prefix_shared", "packed", "packed_prefix_shared"]
+    flags = [word.replace("runs/", f"{tmp_path}/runs/") for word in words[3:]]
+    result = _run(*flags, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert ("| impl | layout | reference | s/step | tokens/s | peak alloc GiB | peak reserved GiB | row tokens/step "
             "| prep s | vs TRL |") in lines
     assert "CPU run: a smoke test of the code paths; these timings say nothing about GPU throughput." in lines
+    assert "TRL: not run: skipped (--skip-trl)" in lines
+    assert ("LoRA r=16, alpha 32, all linear layers; adapter weights: lora-dpo float32 with dropout 0.05") in lines
     rows = [line for line in lines if line.startswith("| lora-dpo |")]
-    assert len(rows) == 6  # three default layouts x two reference modes
+    assert len(rows) == 8  # four layouts x two reference modes
     assert "| layout | reference | collate ms | reference ms | policy ms | backward ms | update ms |" in lines
     assert "| layout | max abs logp diff | max rel logp diff | grad rel diff (L2) | mean abs logp (padded) |" in lines
 
-    report = json.loads(out.read_text())
+    report = json.loads((tmp_path / "runs" / "bench-tiny.json").read_text())
     assert report["settings"]["shape"] == "tiny" and report["settings"]["steps"] == 2
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= set(report["versions"])
-    assert report["device"].startswith("CPU")
+    assert report["device"].startswith("CPU") and report["failures"] == []
     results = {(r["layout"], r["reference"]): r for r in report["results"]}
-    assert set(results) == {(layout, mode) for layout in ("padded", "prefix_shared", "packed_prefix_shared")
+    assert set(results) == {(layout, mode) for layout in ("padded", "prefix_shared", "packed", "packed_prefix_shared")
                             for mode in ("every_step", "precomputed")}
     for r in results.values():
-        assert r["impl"] == "lora-dpo" and r["s_per_step"] > 0 and r["tokens_per_s"] > 0
+        assert r["impl"] == "lora-dpo" and r["s_per_step"] > 0 and r["tokens_per_s"] > 0 and r["micro_batch"] == 2
         assert r["peak_allocated_gib"] is None and r["vs_trl"] is None  # no GPU, no TRL
+        assert (r["adapter_dtype"], r["lora_dropout"]) == ("float32", 0.05)
         # The adapter starts at zero and lr is 5e-6: policy = reference, so the loss stays ln 2 unless
         # the reference (on-demand or looked up from the precomputed table) belongs to other pairs.
         assert r["final_loss"] == pytest.approx(math.log(2), abs=1e-3)
         assert r["phase_s"]["policy"] > 0 and r["phase_s"]["backward"] > 0
         assert r["phase_s"]["reference"] > 0  # the pass, or the lookup in the precomputed table
-        profile = (tmp_path / "profile" / f"lora-dpo-{r['layout']}-{r['reference']}.txt").read_text()
-        assert "aten::mm" in profile  # the profiler's operator table
     assert results[("padded", "precomputed")]["prep_s"] > 0
+    # One profile: of the last layout with the first reference mode, without record_shapes.
+    profiles = list((tmp_path / "runs" / "bench-tiny-profile").iterdir())
+    assert [p.name for p in profiles] == ["lora-dpo-packed_prefix_shared-every_step.txt"]
+    profile = profiles[0].read_text()
+    assert "aten::mm" in profile and "Input Shapes" not in profile
+    assert [r.get("profile") for r in report["results"]].count("lora-dpo-packed_prefix_shared-every_step.txt") == 1
     # float32 on the CPU: every layout gives padded's numbers (the GPU run states its bf16 tolerance).
     agreement = {row["layout"]: row for row in report["layout_agreement"]}
     assert set(agreement) == {"prefix_shared", "packed", "packed_prefix_shared"}
@@ -80,15 +101,176 @@ def test_tiny_cpu_run_prints_table_and_json(tmp_path):
     per_token = {key: r["tokens_per_s"] * r["s_per_step"] for key, r in results.items()}
     assert max(per_token.values()) == pytest.approx(min(per_token.values()), rel=1e-6)
     assert (tmp_path / "lora-dpo-bench-tiny" / "config.json").is_file()  # saved once, reused next time
+    # The diagnostics come after the timed configurations.
+    err = result.stderr.splitlines()
+    assert max(i for i, line in enumerate(err) if line.startswith("  lora-dpo ")) < min(
+        i for i, line in enumerate(err) if line.startswith("  breakdown "))
 
 
-def test_bad_arguments_exit_with_usage_error(tmp_path):
-    result = _run("--shape", "tiny", "--layouts", "padded,zigzag", tmp_path=tmp_path)
-    assert result.returncode == 2
-    assert "--layouts: unknown layout 'zigzag'" in result.stderr
-    result = _run("--shape", "tiny", "--warmup", "0", tmp_path=tmp_path)
-    assert result.returncode == 2 and "argument --warmup: must be at least 1, got 0" in result.stderr
-    assert not (tmp_path / "lora-dpo-bench-tiny").exists()  # refused before any model is built
+@pytest.fixture
+def one_thread():
+    """In-process runs of the bench: one thread, as the subprocess runs get with OMP_NUM_THREADS=1
+    (two threads on two busy cores make tiny steps many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trl_ready(bench):
+    """TRL's trainer and what it needs import and work (the `test` extra installs them)."""
+    problem = bench.trl_problem()
+    if problem:
+        pytest.skip(f"TRL cannot run here: {problem}")
+
+
+def _tiny(tmp_path, *flags):
+    return ["--shape", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu", "--model-root", str(tmp_path),
+            "--json", str(tmp_path / "bench.json"), *flags]
+
+
+# What the bench itself prints on stdout; anything else there would come from a library.
+STDOUT_LINE = re.compile(r"^(\||$|tiny|\d+ pairs/step|LoRA r=16|TRL: |CPU run: |FAILED: |PARTIAL: |Each layout|lora-dpo step parts)")
+
+
+def test_trl_rows_reach_the_table_and_json_with_ratios(bench, trl_ready, one_thread, tmp_path, capsys):
+    """TRL on the tiny shape: its rows are in the table and the JSON, every lora-dpo row has its
+    ratio against TRL's row of the same reference mode, TRL trains with LoRA dropout 0.05, and
+    TRL runs before lora-dpo's breakdown steps."""
+    assert bench.main(_tiny(tmp_path, "--layouts", "padded", "--breakdown-steps", "1")) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert [line for line in lines if not STDOUT_LINE.match(line)] == []  # nothing from TRL on stdout
+    trl_lines = [line for line in lines if line.startswith("| trl ")]
+    assert [line.split(" | ")[2] for line in trl_lines] == ["every_step", "precomputed"]
+    mine = [line for line in lines if line.startswith("| lora-dpo |")]
+    assert len(mine) == 2 and all(re.search(r"\| \d+\.\d\dx \|$", line) for line in mine)
+    assert "TRL: ran" in lines
+
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = report["results"]
+    trl = {r["reference"]: r for r in rows if r["impl"].startswith("trl ")}
+    assert set(trl) == {"every_step", "precomputed"} and report["failures"] == []
+    for r in rows:
+        assert r["micro_batch"] == 2
+        if r["impl"] == "lora-dpo":
+            assert r["vs_trl"] == pytest.approx(r["tokens_per_s"] / trl[r["reference"]]["tokens_per_s"])
+            # Same pairs, same order: the same tokens per step as TRL's.
+            assert r["tokens_per_s"] * r["s_per_step"] == pytest.approx(
+                trl[r["reference"]]["tokens_per_s"] * trl[r["reference"]]["s_per_step"], rel=1e-6)
+    for r in trl.values():
+        assert r["tokens_exact"] and r["s_per_step"] > 0 and r["prep_s"] > 0
+        assert r["lora_dropout"] == 0.05  # disable_dropout=False; TRL's default would give 0
+        assert r["adapter_dtype"] == "bfloat16"  # TRL's cast on a 4-bit base, stated in docs/benchmarks.md
+    assert report["versions"]["trl"] and report["settings"]["trl"] == "ran"
+    err = captured.err.splitlines()
+    assert max(i for i, line in enumerate(err) if line.startswith("  trl ")) < min(
+        i for i, line in enumerate(err) if line.startswith("  breakdown "))
+
+
+def test_trl_that_cannot_import_leaves_lora_dpo_rows(bench, one_thread, tmp_path, capsys, monkeypatch):
+    """`import trl` works without datasets; the trainer does not. The bench says why, up front, and
+    measures lora-dpo anyway."""
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if datasets were not installed
+    problem = bench.trl_problem()
+    assert problem.startswith("ImportError: ") or problem.startswith("ModuleNotFoundError: ")
+    assert bench.main(_tiny(tmp_path, "--layouts", "padded", "--reference", "every_step", "--breakdown-steps", "0")) == 0
+    captured = capsys.readouterr()
+    assert f"TRL: not run: {problem}" in captured.out.splitlines()
+    assert f"bench: TRL cannot run here ({problem}); lora-dpo only" in captured.err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["impl"] for r in report["results"]] == ["lora-dpo"]
+
+
+@pytest.mark.parametrize("failure, status, kind", [
+    (RuntimeError("trainer broke"), 1, "error"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 0, "out of memory"),
+])
+def test_a_trl_failure_keeps_every_finished_row(bench, trl_ready, one_thread, tmp_path, capsys, monkeypatch, failure, status,
+                                               kind):
+    """TRL failing in one reference mode costs neither lora-dpo's rows nor TRL's other mode. Running
+    out of memory (under a cap) is a result; any other error makes the exit status 1."""
+    import trl
+
+    real = trl.DPOTrainer
+
+    def trainer(*args, **kwargs):
+        if not kwargs["args"].precompute_ref_log_probs:
+            raise failure
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trl, "DPOTrainer", trainer)
+    assert bench.main(_tiny(tmp_path, "--layouts", "padded", "--breakdown-steps", "0")) == status
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert f"FAILED: trl {trl.__version__} trl every_step: {kind}: {type(failure).__name__}: {failure}" in lines
+    rows = [line.split(" | ") for line in lines if line.startswith(("| lora-dpo |", "| trl "))]
+    assert [(row[0], row[2]) for row in rows] == [("| lora-dpo", "every_step"), ("| lora-dpo", "precomputed"),
+                                                  (f"| trl {trl.__version__}", "precomputed")]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [(r["impl"] == "lora-dpo", r["reference"]) for r in report["results"]] == [
+        (True, "every_step"), (True, "precomputed"), (False, "precomputed")]
+    assert [r["vs_trl"] is None for r in report["results"][:2]] == [True, False]  # no ratio without TRL's row
+    assert report["failures"][0]["kind"] == kind
+    assert ("Traceback" in captured.err) == (kind == "error")
+
+
+def test_saved_report_prints_again_with_show(bench, tmp_path, capsys):
+    """--show renders a --json report (the suite's fallback when a stage was killed before printing)."""
+    report = {"date": "2026-12-01", "device": "NVIDIA H200", "versions": {"torch": "2.11.0"}, "failures": [],
+              "layout_agreement": [],
+              "settings": {"shape": "8b", "long_rows": True, "micro_batch": 1, "mean_tokens_per_pair": 3600,
+                           "checkpointing": "on", "optim": "paged_adamw_8bit", "attn": "sdpa", "compile": False,
+                           "cuda_alloc_conf": "expandable_segments:True", "breakdown_steps": 0, "trl": "ran",
+                           "partial": "stopped by SIGTERM during TRL every_step; the rows below are those that finished",
+                           "memory_cap": {"memory_cap_gib": 8.0, "memory_cap_applied": True, "cuda_context_gib": 0.5,
+                                          "allocator_limit_gib": 7.5, "card_gib": 139.8, "fraction": 0.054}},
+              "results": [{"impl": "lora-dpo", "layout": "padded", "reference": "every_step", "micro_batch": 1,
+                           "s_per_step": 2.0, "tokens_per_s": 1800.0, "peak_allocated_gib": 6.0, "peak_reserved_gib": 6.5,
+                           "outside_allocator_gib": 0.75, "paged_optimizer_gib": 0.02, "row_tokens_per_step": 3600,
+                           "prep_s": 0.0, "adapter_dtype": "float32", "lora_dropout": 0.05},
+                          {"impl": "lora-dpo", "layout": "prefix_shared", "reference": "every_step", "micro_batch": 1,
+                           "s_per_step": 1.5, "tokens_per_s": 2400.0, "peak_allocated_gib": 7.0, "peak_reserved_gib": 7.4,
+                           "outside_allocator_gib": 0.75, "paged_optimizer_gib": 0.02, "row_tokens_per_step": 2700,
+                           "prep_s": 0.0, "adapter_dtype": "float32", "lora_dropout": 0.05}]}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert bench.main(["--show", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert ("Memory cap 8 GiB: CUDA context 0.50 GiB, so the allocator is limited to 7.50 GiB of the 140 GiB card "
+            "(set_per_process_memory_fraction); paged optimizer state is managed memory outside that limit.") in lines
+    assert "PARTIAL: stopped by SIGTERM during TRL every_step; the rows below are those that finished." in lines
+    assert ("| impl | layout | reference | peak reserved GiB | outside allocator GiB | of which paged optimizer GiB "
+            "| total GiB | fits 8 GiB |") in lines
+    assert "| lora-dpo | padded | every_step | 6.50 | 0.75 | 0.020 | 7.25 | yes |" in lines
+    assert "| lora-dpo | prefix_shared | every_step | 7.40 | 0.75 | 0.020 | 8.15 | no |" in lines
+
+
+def test_memory_cap_leaves_room_for_the_cuda_context(bench):
+    """The allocator's share of a 139 GiB card that, with the context, makes an 8 GiB card (the
+    arithmetic of apply_memory_cap, from the numbers cudaMemGetInfo gives; no GPU here)."""
+    gib = 2**30
+    total = 139 * gib
+    cap = bench.memory_cap(8, free=total - gib - gib // 2, total=total, reserved=gib)  # context: 0.5 GiB
+    assert cap["cuda_context_gib"] == pytest.approx(0.5)
+    assert cap["allocator_limit_gib"] == pytest.approx(7.5)
+    assert cap["fraction"] == pytest.approx(7.5 / 139)
+    with pytest.raises(bench.LoraDpoError, match="the CUDA context alone takes 9.00 GiB"):
+        bench.memory_cap(8, free=total - 9 * gib, total=total, reserved=0)
+    with pytest.raises(bench.LoraDpoError, match="more than the card's"):
+        bench.memory_cap(200, free=total, total=total, reserved=0)
+    assert bench.apply_memory_cap(8, torch.device("cpu")) == {"memory_cap_gib": 8, "memory_cap_applied": False}
+
+
+def test_bad_arguments_exit_with_usage_error(bench, tmp_path, capsys):
+    for argv, message in ((["--layouts", "padded,zigzag"], "--layouts: unknown layout 'zigzag'"),
+                          (["--warmup", "0"], "argument --warmup: must be at least 1, got 0"),
+                          (["--memory-cap-gib", "0"], "--memory-cap-gib must be positive, got 0")):
+        with pytest.raises(SystemExit) as stopped:
+            bench.main(["--shape", "tiny", "--model-root", str(tmp_path), *argv])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # refused before any model is built
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -105,6 +287,16 @@ def test_numeric_flags_are_checked_while_parsing(bench, capsys, flag, value, mes
         bench.parse_args(["--shape", "tiny", flag, value])
     assert stopped.value.code == 2
     assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_profile_config_must_be_a_configuration_that_runs(bench, capsys):
+    assert bench.parse_args(["--layouts", "padded,prefix_shared"]).profile_config == ["prefix_shared", "every_step"]
+    args = bench.parse_args(["--layouts", "padded", "--profile-config", "padded:precomputed"])
+    assert args.profile_config == ["padded", "precomputed"]
+    with pytest.raises(SystemExit) as stopped:
+        bench.parse_args(["--layouts", "padded", "--profile-config", "packed:every_step"])
+    assert stopped.value.code == 2
+    assert "--profile-config packed:every_step: give LAYOUT:REFERENCE from --layouts (padded)" in capsys.readouterr().err
 
 
 def test_valid_numeric_flags_pass_through(bench):
@@ -176,19 +368,21 @@ def test_dpo_step_runs_the_reference_in_eval_mode_and_reports_its_parts(bench, l
     assert parts == ["collate", "reference", "policy", "backward", "update"]  # "reference": the lookup
 
 
-def test_ratios_pair_each_mode_with_trl_of_the_same_mode(bench):
+def test_ratios_pair_each_mode_with_trl_of_the_same_mode_and_micro_batch(bench):
     results = [
-        {"impl": "lora-dpo", "layout": "padded", "reference": "every_step", "tokens_per_s": 6000.0},
-        {"impl": "lora-dpo", "layout": "padded", "reference": "precomputed", "tokens_per_s": 9000.0},
-        {"impl": "trl 1.16.0", "layout": "trl", "reference": "every_step", "tokens_per_s": 2000.0},
-        {"impl": "trl 1.16.0", "layout": "trl", "reference": "precomputed", "tokens_per_s": 6000.0},
+        {"impl": "lora-dpo", "layout": "padded", "reference": "every_step", "micro_batch": 2, "tokens_per_s": 6000.0},
+        {"impl": "lora-dpo", "layout": "padded", "reference": "precomputed", "micro_batch": 2, "tokens_per_s": 9000.0},
+        {"impl": "lora-dpo", "layout": "padded", "reference": "every_step", "micro_batch": 4, "tokens_per_s": 7000.0},
+        {"impl": "trl 1.16.0", "layout": "trl", "reference": "every_step", "micro_batch": 2, "tokens_per_s": 2000.0},
+        {"impl": "trl 1.16.0", "layout": "trl", "reference": "precomputed", "micro_batch": 2, "tokens_per_s": 6000.0},
     ]
     for r in results:
         r.update(s_per_step=1.0, peak_allocated_gib=2.5, peak_reserved_gib=3.0, row_tokens_per_step=None, prep_s=0.0)
     bench.add_ratios(results)
-    assert [r["vs_trl"] for r in results] == [3.0, 1.5, None, None]
+    assert [r["vs_trl"] for r in results] == [3.0, 1.5, None, None, None]  # micro-batch 4 has no TRL row of its own
     text = bench.table(results)
     assert "| lora-dpo | padded | every_step | 1.000 | 6,000 | 2.50 | 3.00 | n/a | 0.00 | 3.00x |" in text
+    assert "| lora-dpo | padded | every_step | 1.000 | 7,000 | 2.50 | 3.00 | n/a | 0.00 | n/a |" in text
 
 
 def test_steady_state_skips_warmup(bench):
@@ -244,54 +438,45 @@ def test_layout_agreement_sees_a_wrong_layout(bench, llama_dir, tmp_path, monkey
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if p.requires_grad)
 
 
-def test_checkpoint_layers_reach_the_model_and_bad_counts_are_one_line(tmp_path):
-    result = _run("--shape", "tiny", "--steps", "1", "--warmup", "1", "--skip-trl", "--layouts", "padded",
-                  "--reference", "precomputed", "--checkpoint-layers", "1", "--breakdown-steps", "0", tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "gradient checkpointing on (lora-dpo: first 1 layers only)" in result.stdout
-    result = _run("--shape", "tiny", "--steps", "1", "--warmup", "1", "--skip-trl", "--checkpoint-layers", "3",
-                  tmp_path=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.splitlines()[-1].startswith("bench: model.checkpoint_layers=3 but ")
-    assert "has 2 decoder layers" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_gpu_suite_script_writes_each_stage_under_out(tmp_path):
-    """scripts/gpu_suite.sh, as a device session runs it, on the tiny shape (SMOKE=1) with one stage."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SMOKE": "1", "SKIP": "8b-long 8b-partial 8b-compile 1b",
-           "TOKENIZERS_PARALLELISM": "false"}
-    out = tmp_path / "out"
-    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_suite.sh"), str(out)], capture_output=True, text=True,
-                            env=env, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "== 8b: exit 0 after" in result.stdout and "== 1b: skipped" in result.stdout
-    report = json.loads((out / "8b.json").read_text())
-    assert report["settings"]["shape"] == "tiny" and len(report["layout_agreement"]) == 3
-    assert (out / "profile-8b" / "lora-dpo-padded-every_step.txt").is_file()
-    assert "torch 2" in (out / "environment.txt").read_text()
-    assert result.stdout.rstrip().endswith((out / "8b.txt").read_text().rstrip())  # the tables come last
+def test_checkpoint_layers_reach_the_model_and_bad_counts_are_one_line(bench, one_thread, tmp_path, capsys):
+    tiny = ["--shape", "tiny", "--steps", "1", "--warmup", "1", "--skip-trl", "--device", "cpu", "--model-root", str(tmp_path)]
+    assert bench.main([*tiny, "--layouts", "padded", "--reference", "precomputed", "--checkpoint-layers", "1",
+                       "--breakdown-steps", "0"]) == 0
+    assert "gradient checkpointing on (lora-dpo: first 1 layers only)" in capsys.readouterr().out
+    assert bench.main([*tiny, "--checkpoint-layers", "3"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1].startswith("bench: model.checkpoint_layers=3 but ")
+    assert "has 2 decoder layers" in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""  # nothing measured, no table
 
 
 def test_sigterm_reports_the_configurations_that_finished(tmp_path):
-    """A time limit (`timeout` sends SIGTERM) keeps what was measured: table and JSON, marked partial."""
+    """A time limit (`timeout` sends SIGTERM) keeps what was measured: table and JSON, marked
+    partial; the JSON holds each row as soon as it is measured, before the run ends."""
     import signal
 
     out = tmp_path / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen([sys.executable, str(BENCH), "--shape", "tiny", "--steps", "3", "--warmup", "1",
+    process = subprocess.Popen([sys.executable, str(BENCH), "--shape", "tiny", "--steps", "2", "--warmup", "1",
                                 "--skip-trl", "--layouts", "padded,prefix_shared", "--reference", "precomputed",
                                 "--breakdown-steps", "150", "--json", str(out), "--model-root", str(tmp_path)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
-        for line in process.stderr:  # the first configuration is done; the second is in its long breakdown
+        for line in process.stderr:
             if line.startswith("  lora-dpo padded"):
-                break
+                assert [r["layout"] for r in json.loads(out.read_text())["results"]] == ["padded"]
+            if line.startswith("  diagnostics of lora-dpo padded/precomputed"):
+                break  # both timed; the diagnostics' reference pass and 150 breakdown steps have begun
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=300)
     finally:
         process.kill()
     assert process.returncode == 124, stderr[-2000:]
-    assert "PARTIAL: stopped by SIGTERM before every configuration ran" in stdout
-    assert [line.split(" | ")[1] for line in stdout.splitlines() if line.startswith("| lora-dpo |")] == ["padded"]
+    assert ("PARTIAL: stopped by SIGTERM during the diagnostics of lora-dpo padded/precomputed; the rows below are "
+            "those that finished.") in stdout.splitlines()
+    assert [line.split(" | ")[1] for line in stdout.splitlines() if line.startswith("| lora-dpo |")] == [
+        "padded", "prefix_shared"]
     report = json.loads(out.read_text())
-    assert report["settings"]["partial"] is True and [r["layout"] for r in report["results"]] == ["padded"]
+    assert report["settings"]["partial"].startswith("stopped by SIGTERM")
+    assert [(r["layout"], r["phase_s"]) for r in report["results"]] == [("padded", None), ("prefix_shared", None)]
+    assert not out.with_name("bench.json.partial").exists()  # written whole, then renamed
