@@ -73,7 +73,11 @@ def _assert_same(out, grads, want_out, want_grads, atol=1e-4):
     assert out.rejected_tokens.tolist() == want_out.rejected_tokens.tolist()
     assert grads.keys() == want_grads.keys() and grads
     for name, grad in grads.items():
-        assert torch.allclose(grad, want_grads[name], atol=atol, rtol=1e-3), name
+        # float32 sums in another order differ by about 1e-6 of the tensor's largest entry: Gemma 4's
+        # embedding gradients reach ~150 (its embeddings are scaled by sqrt(hidden)), so a fixed 1e-4
+        # failed on one machine and passed on another. Scale the floor by the tensor's magnitude.
+        floor = atol * max(1.0, want_grads[name].abs().max().item())
+        assert torch.allclose(grad, want_grads[name], atol=floor, rtol=1e-3), name
 
 
 def test_prefix_shared_row_masks_chosen_from_rejected():
