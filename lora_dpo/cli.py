@@ -7,6 +7,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -33,11 +34,16 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-dpo", description="DPO training of 4-bit LoRA adapters on one GPU.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every command's help shows its defaults: they differ between commands (--device is cpu for
+    # merge, auto for generate), so a user should not have to read the docs to know them.
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=functools.partial(argparse.ArgumentParser,
+                                                                    formatter_class=DefaultsHelpFormatter))
 
     def add_run_args(sub: argparse.ArgumentParser, config_required: bool = True) -> None:
         sub.add_argument("config", nargs=None if config_required else "?", help="YAML config file")
-        sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.learning_rate=1e-4")
+        # default=[]: without it argparse lists key=value among the required arguments
+        sub.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. train.learning_rate=1e-4")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
         sub.add_argument("--resume", action="store_true",
                          help="continue from the newest complete checkpoint in output.dir (same as train.resume=always)")
@@ -49,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                  config_required=False)
     show = commands.add_parser("config", help="print the resolved config, or the reference of all keys")
     show.add_argument("config", nargs="?", help="YAML config file")
-    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
     show.add_argument("--reference", action="store_true", help="print every key with its type, default and meaning (Markdown)")
     show.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
@@ -71,8 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     merge.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
-    generate = commands.add_parser("generate", help="sample from a model, or from base + adapter (docs/merge.md)",
-                                   formatter_class=DefaultsHelpFormatter)
+    generate = commands.add_parser("generate", help="sample from a model, or from base + adapter (docs/merge.md)")
     generate.add_argument("model", help="adapter directory (runs base + adapter), merged model directory, or any model")
     generate.add_argument("--base", help="base model for an adapter directory (default: the one it names)")
     generate.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")

@@ -121,3 +121,25 @@ def test_commands_ask_for_expandable_cuda_segments_unless_the_user_chose(monkeyp
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert main(["config", DEMO]) == 0
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+def test_train_without_arguments_asks_only_for_the_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("the following arguments are required: config"), last
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("merge", ["where to merge and verify (default: cpu)", "(default: 5GB)", "(default: 16)"]),
+    ("generate", ["where to run the model (default: auto)", "(default: 256)"]),
+    ("train", ["YAML config file"]),
+])
+def test_every_command_help_shows_its_defaults(capsys, command, shown):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    for words in shown:
+        assert words in text, words
+    assert "(default: None)" not in text and "(default: False)" not in text
