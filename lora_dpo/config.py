@@ -153,8 +153,8 @@ class TrainConfig:
     """Passes over the training pairs (fractions allowed); ignored when max_steps is set."""
     max_steps: Optional[int] = None
     """Optimizer steps to run; null derives them from epochs."""
-    learning_rate: float = 5e-5
-    """Peak learning rate of the LoRA weights."""
+    learning_rate: float = 5e-6
+    """Peak learning rate of the LoRA weights; 5e-6 as in published QLoRA DPO recipes (docs/first-run.md)."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     """Learning-rate decay after warm-up."""
     warmup_ratio: float = 0.1

@@ -77,6 +77,11 @@ def _not_found(name: str, what: str, exc: Exception,
                fix: str = "point at a model directory saved with save_pretrained") -> str:
     if Path(name).exists():
         return f"{name}: cannot load the {what} from this directory ({one_line(exc)}). Fix: {fix}"
+    text = str(exc).lower()
+    if "gated" in text or "401" in text or "restricted" in text:
+        # transformers raises these as plain OSErrors; the fix is an account step, not a path
+        return (f"{name}: the {what} is in a gated hub repository and this machine is not allowed to read it. "
+                f"Fix: accept the model's licence on its hub page, then log in with `hf auth login` (or set HF_TOKEN)")
     return (f"{name}: cannot load the {what}: not a local directory, and the hub copy could not be read "
             f"({type(exc).__name__}). Fix: check the name, your network or HF_HUB_OFFLINE, or download the model first")
 

@@ -97,6 +97,23 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert "cannot load the tokenizer" in err and "Fix:" in err
 
 
+def test_gated_model_says_to_log_in(tmp_path, capsys, monkeypatch):
+    """transformers raises a gated repository as a plain OSError; its text is all there is to go on
+    (stand-in: the hub cannot be reached in tests)."""
+    import transformers
+
+    def gated(*args, **kwargs):
+        raise OSError("You are trying to access a gated repo. Make sure to have access to it at "
+                      "https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct. 401 Client Error.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", gated)
+    assert main(["train", *demo_args(tmp_path), "model.name_or_path=meta-llama/Meta-Llama-3-8B-Instruct"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "gated hub repository" in err and "hf auth login" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_dir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "out").write_text("x")
     assert main(["train", *demo_args(tmp_path)]) == 2
