@@ -258,7 +258,8 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
              "train.lr_scheduler", "train.warmup_ratio", "train.warmup_steps"),
     **_rules("applied", "the update", "train.weight_decay", "train.max_grad_norm"),
     **_rules("applied", "the loss", "dpo.loss", "dpo.losses", "dpo.beta", "dpo.label_smoothing", "dpo.robust_epsilon",
-             "dpo.rpo_alpha", "dpo.simpo_gamma", "dpo.orpo_lambda"),
+             "dpo.rpo_alpha", "dpo.simpo_gamma", "dpo.orpo_lambda", "dpo.discopop_tau", "dpo.f_divergence",
+             "dpo.f_divergence_alpha", "dpo.wpo_weighting", "dpo.ld_alpha"),
     **_rules("applied", "the rounding of every computation", "model.compute_dtype"),
     **_rules("applied", "the batches of the next epochs", "data.group_by_length"),
     **_rules("applied", "what the run writes and when it stops", "train.eval_every", "train.save_every",
@@ -750,7 +751,8 @@ def evaluate(run: Run) -> dict[str, float]:
                    chunk_size=config.dpo.logps_chunk_size, pack_length=config.data.pack_length,
                    compute_dtype=resolve_compute_dtype(config.model, run.device))
     pad_id = run.tokenizer.pad_token_id
-    policy = score_pairs(run.model, pairs, pad_id, **scoring)
+    scoring["ld_alpha"] = config.dpo.ld_alpha
+    policy = score_pairs(run.model, pairs, pad_id, wpo=config.dpo.wpo_weighting, **scoring)
     reference = None
     if run.reference_tables["eval"] is not None:
         reference = run.reference_tables["eval"].lookup(range(len(pairs)), run.device)
@@ -826,7 +828,7 @@ class DpoStep:
                 reference_table: ReferenceTable | None) -> tuple[PreferenceLoss, PairLogps, int]:
         """Loss terms and policy log-probs of the pairs at ``indices``, and their throughput token count."""
         config, model = self.config, self.model
-        chunk = config.dpo.logps_chunk_size
+        chunk, ld_alpha = config.dpo.logps_chunk_size, config.dpo.ld_alpha
         batch = collate([pairs[i] for i in indices], self.pad_id, layout=config.data.layout,
                         pack_length=config.data.pack_length).to(self.device)
         self.phase("collate")
@@ -840,11 +842,11 @@ class DpoStep:
             # pass that keeps no activations anyway.
             model.eval()
             with torch.no_grad(), reference_model(model), self.autocast:
-                reference = pair_logps(model, batch, chunk)
+                reference = pair_logps(model, batch, chunk, ld_alpha=ld_alpha)
             model.train(was_training)
             self.phase("reference")
         with self.autocast:
-            policy = pair_logps(model, batch, chunk)
+            policy = pair_logps(model, batch, chunk, ld_alpha=ld_alpha, wpo=config.dpo.wpo_weighting)
         result = preference_loss(config.dpo, policy, reference)
         self.phase("policy")
         return result, policy, batch.num_tokens
