@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--reference", action="store_true", help="print every key with its type, default and meaning (Markdown)")
     show.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
+    plan = commands.add_parser("plan", help="predict the GPU memory of a run from config.json alone, and what fits a card "
+                               "(docs/memory.md)")
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=2048")
+    plan.add_argument("--gpu-memory", metavar="SIZE",
+                      help="memory of the card to plan for, e.g. 12GiB (default: the visible GPU's free memory)")
+    plan.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
     merge = commands.add_parser("merge", help="merge an adapter into its base and save a standalone model (docs/merge.md)")
     merge.add_argument("adapter", help="adapter directory (a training run's output.dir)")
     merge.add_argument("--out", required=True, help="directory for the merged model")
@@ -158,6 +166,11 @@ def _run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False), end="")
         return 0
 
+    if args.command == "plan":
+        from .memory import plan_command
+
+        _quiet_libraries()
+        return plan_command(load_config(args.config, args.overrides), args.gpu_memory)
     if args.command == "merge":
         from .merge import run_merge_command
 

@@ -165,10 +165,12 @@ class DPOSettings:
 
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 2
-    """Preference pairs per forward/backward pass (each pair is two sequences)."""
+    micro_batch_size: Union[int, Literal["auto"]] = 2
+    """Preference pairs per forward/backward pass (each pair is two sequences); auto: the largest that fits the GPU (docs/memory.md), confirmed by a trial step."""
     gradient_accumulation_steps: int = 4
-    """Micro-batches summed into one optimizer step; pairs per step = micro_batch_size x this."""
+    """Micro-batches summed into one optimizer step; pairs per step = micro_batch_size x this (derived with micro_batch_size auto)."""
+    pairs_per_step: Optional[int] = None
+    """With micro_batch_size auto: pairs per optimizer step, split into micro-batches that fit; null means 8."""
     epochs: float = 1.0
     """Passes over the training pairs (fractions allowed); ignored when max_steps is set."""
     max_steps: Optional[int] = None
@@ -252,7 +254,10 @@ class Config:
             (self.data.pack_length is None or self.data.pack_length > 0, "data.pack_length", "must be positive or null"),
             (self.data.layout == "padded" or self.model.attn_implementation != "flash_attention_2", "data.layout",
              "needs model.attn_implementation sdpa or eager (its attention masks are not expressible for flash_attention_2)"),
-            (self.train.micro_batch_size > 0, "train.micro_batch_size", "must be positive"),
+            (self.train.micro_batch_size == "auto" or self.train.micro_batch_size > 0, "train.micro_batch_size",
+             "must be positive or auto"),
+            (self.train.pairs_per_step is None or self.train.pairs_per_step > 0, "train.pairs_per_step",
+             "must be positive or null"),
             (self.train.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps", "must be positive"),
             (self.train.epochs > 0, "train.epochs", "must be positive"),
             (self.train.max_steps is None or self.train.max_steps > 0, "train.max_steps", "must be positive or null"),
@@ -275,6 +280,10 @@ class Config:
             raise ConfigError("model.checkpoint_layers is set but model.gradient_checkpointing is false, so no layer "
                               "would be checkpointed. Fix: set model.gradient_checkpointing=true, or remove "
                               "model.checkpoint_layers", key="model.checkpoint_layers")
+        if self.train.pairs_per_step is not None and self.train.micro_batch_size != "auto":
+            raise ConfigError("train.pairs_per_step is only read with train.micro_batch_size=auto (otherwise pairs per "
+                              "step = micro_batch_size x gradient_accumulation_steps). Fix: set "
+                              "train.micro_batch_size=auto, or remove train.pairs_per_step", key="train.pairs_per_step")
         if self.model.init_adapter:
             for name in (f.name for f in dataclasses.fields(LoraSettings)):
                 if getattr(self.lora, name) != getattr(LoraSettings(), name):

@@ -51,6 +51,7 @@ from .config import Config, load_config, save_config
 from .data import PreferenceData, TokenizedPair, read_preference_examples, tokenize_preference_data
 from .errors import Interrupted, LoraDpoError, one_line
 from .losses import PreferenceLoss, needs_reference, preference_loss, reward_definition
+from .memory import auto_batch_as_saved, planner_hint, resolve_auto_batch
 from .modeling import (REFERENCE_ADAPTER, TRAINED_ADAPTER, autocast_for, load_model, load_tokenizer, reference_model,
                        resolve_compute_dtype, resolve_device, save_adapter, trainable_parameters)
 from .reference_cache import ReferenceTable, pairs_digest, reference_logps_for
@@ -253,7 +254,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
              "data.max_length", "data.max_prompt_length", "data.on_bad_row"),
     # applied from the checkpoint's step on.
     **_rules("applied", "how many steps, and their size", "train.micro_batch_size",
-             "train.gradient_accumulation_steps", "train.epochs", "train.max_steps"),
+             "train.gradient_accumulation_steps", "train.pairs_per_step", "train.epochs", "train.max_steps"),
     **_rules("applied", "the learning-rate schedule, rebuilt at the checkpoint's step", "train.learning_rate",
              "train.lr_scheduler", "train.warmup_ratio", "train.warmup_steps"),
     **_rules("applied", "the update", "train.weight_decay", "train.max_grad_norm"),
@@ -302,6 +303,7 @@ def _changed_settings(saved: Path, config: Config) -> dict[str, list[Any]]:
     if not saved.is_file():
         return {}
     before, after = _flatten(load_config(saved).to_dict()), _flatten(config.to_dict())
+    after = auto_batch_as_saved(before, after)  # micro_batch_size auto: the split the run saved
     return {key: [before.get(key), value] for key, value in after.items() if before.get(key) != value}
 
 
@@ -574,6 +576,8 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
         fresh_adapter(model, config)
     # Anything that picks settings by trying the model (a micro-batch size that fits) runs here:
     # the model and data exist, and nothing below has counted in micro-batches yet.
+    if config.train.micro_batch_size == "auto":
+        config = resolve_auto_batch(config, model, data.train, device, tokenizer.pad_token_id)
     compute_dtype = resolve_compute_dtype(config.model, device)
     # float16 gradients of small LoRA updates underflow without loss scaling; bfloat16 needs none.
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
@@ -932,7 +936,7 @@ def _out_of_memory(config: Config, when: str, pairs: list[TokenizedPair]) -> Lor
         f"(longest sequence {longest} tokens, data.max_length={config.data.max_length}). Fix: lower "
         "train.micro_batch_size (raise train.gradient_accumulation_steps to keep the pairs per step), lower "
         "data.max_length or dpo.logps_chunk_size, keep model.gradient_checkpointing on with model.checkpoint_layers "
-        "null (every layer); --debug shows the traceback")
+        "null (every layer); --debug shows the traceback." + planner_hint(config))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -57,7 +57,7 @@ def test_unknown_key_names_it_and_the_closest_valid_key(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     ("train.learning_rate=fast", "train.learning_rate: expected a number, got 'fast'"),
-    ("train.micro_batch_size=2.5", "train.micro_batch_size: expected an integer, got 2.5"),
+    ("train.micro_batch_size=2.5", "train.micro_batch_size: expected an integer or one of auto, got 2.5"),
     ("model.load_in_4bit=yes please", "model.load_in_4bit: expected true or false"),
     ("train.optim=sgd", "train.optim: must be one of adamw, paged_adamw_8bit; got 'sgd'"),
     ("dpo.beta=-1", "dpo.beta must be positive"),
