@@ -53,6 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     add_run_args(commands.add_parser("train", help="train a LoRA adapter with DPO"))
     add_run_args(commands.add_parser("demo", help="build the tiny offline demo model if missing, then train it"),
                  config_required=False)
+    sweep = commands.add_parser("sweep", help="train several settings in one process and rank them (docs/sweep.md)",
+                                formatter_class=DefaultsHelpFormatter)
+    sweep.add_argument("config", help="YAML config file")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="fixed overrides (key=value), grid axes (key=a,b,c) or, with --search optuna, ranges "
+                       "(key=lo:hi or key=lo:hi:log)")
+    sweep.add_argument("--search", choices=["grid", "optuna"], default="grid",
+                       help="every combination of the comma lists, or Optuna's TPE sampler with median pruning")
+    sweep.add_argument("--trials", type=int, help="trials to run with --search optuna (default 20)")
+    sweep.add_argument("--metric", choices=["win_rate", "loss", "margin", "accuracy"],
+                       help="what ranks the trials (default: win_rate when the eval has a judge, else held-out loss)")
+    sweep.add_argument("--overwrite", action="store_true", help="replace the sweep (and trials) in output.dir")
+    sweep.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    sweep.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     show = commands.add_parser("config", help="print the resolved config, or the reference of all keys")
     show.add_argument("config", nargs="?", help="YAML config file")
     show.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
@@ -176,6 +190,11 @@ def _run(args: argparse.Namespace) -> int:
 
         _quiet_libraries()
         return run_merge_command(args)
+    if args.command == "sweep":
+        from .sweep import run_sweep_command
+
+        _quiet_libraries()
+        return run_sweep_command(args)
     if args.command == "generate":
         from .generate import run_generate_command
 

@@ -507,10 +507,12 @@ class Run:
 
 
 def train(config: Config, overwrite: bool = False, progress: bool | None = None, *, model: Any = None,
-          tokenizer: Any = None, data: PreferenceData | None = None) -> RunSummary:
+          tokenizer: Any = None, data: PreferenceData | None = None,
+          on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
     """Train a LoRA adapter with DPO as ``config`` says; returns what the run achieved.
 
-    ``model``, ``tokenizer`` and ``data`` are pieces a caller already built (see ``setup_run``).
+    ``model``, ``tokenizer`` and ``data`` are pieces a caller already built (see ``setup_run``);
+    ``on_evaluation`` sees every held-out metrics row (a sweep's pruning, see ``run_loop``).
     With train.resume=auto, a run that already finished with these settings is not trained again:
     its summary comes back with ``already_finished`` set.
     """
@@ -519,7 +521,7 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None,
         return done
     with _compile_errors_as_one_line(config):
         run = setup_run(config, overwrite, model=model, tokenizer=tokenizer, data=data)
-        run_loop(run, progress)
+        run_loop(run, progress, on_evaluation)
         return finish_run(run)
 
 
@@ -572,8 +574,9 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
         _check_resume_progress(resume_from, saved_state, config, len(data.train))
     if model is None:
         model = load_model(config, device)
-    else:
-        fresh_adapter(model, config)
+    # Also on a model just loaded: loading draws from the RNG, so only adapter weights drawn after a
+    # reseed make a sweep's trial on a loaded base start exactly where a lone run of it starts.
+    fresh_adapter(model, config)
     # Anything that picks settings by trying the model (a micro-batch size that fits) runs here:
     # the model and data exist, and nothing below has counted in micro-batches yet.
     if config.train.micro_batch_size == "auto":
@@ -606,9 +609,9 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
 
 
 def fresh_adapter(model: Any, config: Config) -> None:
-    """Give an already loaded model new adapter weights, as ``load_model`` would: LoRA's own
-    initialisation (A from the seeded RNG, B zero), or the weights of ``model.init_adapter``.
-    This is what lets one loaded 4-bit base serve many trials."""
+    """Give a loaded model new adapter weights: LoRA's own initialisation (A drawn from the RNG
+    reseeded with train.seed, B zero), or the weights of ``model.init_adapter``. This is what lets
+    one loaded 4-bit base serve many trials, each as a run of its own would start."""
     from peft.tuners.lora import LoraLayer
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
@@ -624,6 +627,7 @@ def fresh_adapter(model: Any, config: Config) -> None:
     if wanted != loaded:
         raise LoraDpoError(f"the model passed in has an adapter with {loaded}, the config asks for {wanted}. "
                            "Fix: load it with modeling.load_model under this config")
+    torch.manual_seed(config.train.seed)
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.reset_lora_parameters(TRAINED_ADAPTER, settings.init_lora_weights)
@@ -669,10 +673,13 @@ def _open_output(out: Path, resume_from: Path | None, model: Any, optimizer: tor
             "last_eval": None, "resumes": []}
 
 
-def run_loop(run: Run, progress: bool | None = None) -> None:
+def run_loop(run: Run, progress: bool | None = None,
+             on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> None:
     """The optimizer steps from ``run.start_step`` to ``run.total_steps``; after each: log, check
     for runs of bad steps, evaluate and save on schedule. SIGINT/SIGTERM end it with a checkpoint.
-    Work due every N steps (evaluation, and anything else periodic) goes beside the evaluation."""
+    Work due every N steps (evaluation, and anything else periodic) goes beside the evaluation.
+    ``on_evaluation`` gets each evaluation's row once it is logged; an exception it raises (a
+    sweep pruning the trial) ends the run there, without a checkpoint."""
     config, total = run.config, run.total_steps
     bar = _progress_bar(total, progress, initial=run.start_step)
     stop = _StopRequest()
@@ -696,6 +703,8 @@ def run_loop(run: Run, progress: bool | None = None) -> None:
                 row = evaluation_row(run, step)
                 bar.write(f"eval step {step}: loss {row['loss']:.4f} accuracy {row['rewards/accuracy']:.3f} "
                           f"margin {row['rewards/margins']:.3f}")
+                if on_evaluation is not None:
+                    on_evaluation(row)
             save_now = config.train.save_every and step % config.train.save_every == 0
             if (save_now or stop.requested) and not last:
                 saved = save_checkpoint(run, step)
