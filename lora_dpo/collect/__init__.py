@@ -1,6 +1,9 @@
 """``lora-dpo collect``: preference pairs made without annotators (docs/collect.md).
 
 - ``collect rank``: n sampled answers per prompt, ranked by a reward model or a function (rank.py);
+- ``collect revise``: the model critiques and rewrites its own answer under a principle (revise.py);
+- ``collect judge``: the model picks the better of two answers under a principle, asked in both
+  orders (judge.py). Principles: principles.py and the shipped principles.yaml.
 
 Each command writes a JSONL file that ``lora-dpo train`` takes as it is, resumable and
 deterministic with a seed; what they share lives in common.py.
@@ -14,9 +17,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .judge import add_judge_parser, run_judge
 from .rank import add_rank_parser, run_rank
+from .revise import add_revise_parser, run_revise
 
-COMMANDS = {"rank": run_rank}
+COMMANDS = {"rank": run_rank, "revise": run_revise, "judge": run_judge}
 # The demo's collect step: the first prompts of its training file, 4 answers each. Enough pairs
 # for its 60 training steps, and a few seconds of CPU generation with the tiny model.
 DEMO_COLLECT_PROMPTS = 120
@@ -28,6 +33,8 @@ def add_collect_parser(commands: Any, formatter: Any) -> None:
     collect = commands.add_parser("collect", help="make preference pairs without annotators (docs/collect.md)")
     methods = collect.add_subparsers(dest="method", required=True, metavar="METHOD")
     add_rank_parser(methods, formatter)
+    add_revise_parser(methods, formatter)
+    add_judge_parser(methods, formatter)
 
 
 def run_collect_command(args: Any) -> int:

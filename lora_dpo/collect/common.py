@@ -270,12 +270,7 @@ class ChatModel:
         """``settings.num_samples`` answers to each conversation (a text prompt or chat messages),
         rendered as training renders prompts; ``indices`` name the random streams."""
         tokenizer = self.loaded.tokenizer
-        ids = []
-        for conversation in conversations:
-            if isinstance(conversation, list) and not getattr(tokenizer, "chat_template", None):
-                raise LoraDpoError(f"{self.name}: the tokenizer has no chat template, and this command speaks to the "
-                                   "model in chat turns. Fix: use a chat/instruct model")
-            ids.append(encode_prompt(tokenizer, conversation))
+        ids = [self._encode(conversation) for conversation in conversations]
         return sample(self.loaded.model, tokenizer, ids, settings, prompt_indices=list(indices),
                       batch_size=self.batch_size)
 
@@ -295,7 +290,7 @@ class ChatModel:
         tokenizer = self.loaded.tokenizer
         pairs = []
         for conversation in conversations:
-            prompt = encode_prompt(tokenizer, conversation)
+            prompt = self._encode(conversation)
             first, second = (tokenizer(lead + option, add_special_tokens=False)["input_ids"] for option in options)
             shared = 0
             while shared < min(len(first), len(second)) and first[shared] == second[shared]:
@@ -308,6 +303,12 @@ class ChatModel:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         logps = score_pairs(model, pairs, pad, micro_batch_size=self.batch_size, compute_dtype=dtype)
         return [list(row) for row in zip(logps.chosen.tolist(), logps.rejected.tolist())]
+
+    def _encode(self, conversation: Text) -> list[int]:
+        if isinstance(conversation, list) and not getattr(self.loaded.tokenizer, "chat_template", None):
+            raise LoraDpoError(f"{self.name}: the tokenizer has no chat template, and this command speaks to the "
+                               "model in chat turns. Fix: use a chat/instruct model")
+        return encode_prompt(self.loaded.tokenizer, conversation)
 
     def close(self, before: str = "") -> None:
         """Free the model's memory (one GPU: before the next model loads), and log what it freed;
