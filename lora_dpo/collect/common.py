@@ -26,6 +26,7 @@ import difflib
 import gc
 import json
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -200,8 +201,10 @@ def pair_row(prompt: Text, chosen: str, rejected: str, **audit: Any) -> dict[str
 
 
 def unusable(exc: RowError) -> str:
-    """A skip reason for a pair the row check refused."""
-    return f"unusable pair ({exc.field_name}: {exc.problem})" if exc.field_name else f"unusable pair ({exc.problem})"
+    """A skip reason for a pair the row check refused, without the details that differ from row
+    to row (which escape, at which character), so that skips count by kind."""
+    problem = re.split(r" \\u| at character| \(", exc.problem)[0]
+    return f"unusable pair ({exc.field_name}: {problem})" if exc.field_name else f"unusable pair ({problem})"
 
 
 def check_text(value: Any, what: str) -> str:
