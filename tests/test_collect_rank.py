@@ -195,8 +195,7 @@ def test_sampling_config_section_and_its_errors(setup, tmp_path, capsys):
 def test_the_output_trains_as_it_is(uninterrupted, setup, tmp_path):
     from lora_dpo.train import train
 
-    config = make_config(setup[2], uninterrupted, tmp_path / "run", "model.load_in_4bit=false", "train.max_steps=1",
-                         "data.eval_fraction=0")
+    config = make_config(setup[2], uninterrupted, tmp_path / "run", "model.load_in_4bit=false", "train.max_steps=1")
     summary = train(config)
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
     assert summary is not None
