@@ -128,6 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", help="also write the answers to this .jsonl file")
     generate.add_argument("--no-progress", action="store_true", help="no progress bar")
     generate.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    from .collect import add_collect_parser
+
+    add_collect_parser(commands, DefaultsHelpFormatter)
     return parser
 
 
@@ -200,6 +204,11 @@ def _run(args: argparse.Namespace) -> int:
 
         _quiet_libraries()
         return run_generate_command(args)
+    if args.command == "collect":
+        from .collect import run_collect_command
+
+        _quiet_libraries()
+        return run_collect_command(args)
 
     if args.command == "demo" and (args.config is None or ("=" in args.config and not Path(args.config).exists())):
         if args.config is not None:  # `lora-dpo demo key=value`: the first word is an override
@@ -214,6 +223,9 @@ def _run(args: argparse.Namespace) -> int:
         if not (base / "config.json").is_file():
             logging.info("building the tiny demo model in %s (a few seconds of pre-training)", base)
             build_demo_base(base, pretrain_steps=DEMO_PRETRAIN_STEPS)
+        from .collect import collect_demo_pairs
+
+        config = collect_demo_pairs(config, overwrite=args.overwrite, progress=not args.no_progress)
     from .train import train
 
     if args.resume:
