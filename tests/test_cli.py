@@ -37,6 +37,12 @@ def test_demo_reaches_its_held_out_accuracy(tmp_path, capsys):
     rude = [phrase.split("{")[0].strip() for phrase in RUDE_OPENERS + RUDE_BODIES + RUDE_CLOSERS]
     for answer in tuned:
         assert answer and not any(phrase and phrase in answer for phrase in rude), answer
+    # The evaluation after training (eval: in configs/demo.yaml), judged by lora_dpo.demo:kindness.
+    result = json.loads((tmp_path / "out" / "eval" / "eval.json").read_text())
+    accuracy = result["metrics"]["held-out accuracy"]
+    assert accuracy["policy"] > accuracy["reference"] and result["pairs"] == 64
+    assert result["judge"] == "lora_dpo.demo:kindness" and result["win_rate"]["win_rate"] > 0.5
+    assert "win rate of the tuned demo model over its base on 16 unseen prompts" in printed
 
 
 def test_train_writes_the_documented_output_layout(tmp_path, capsys):
