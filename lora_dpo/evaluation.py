@@ -323,6 +323,11 @@ def evaluate_run(run_dir: str | Path, settings: EvalConfig, *, data: Optional[st
     judge = None
     if settings.judge and is_function_spec(settings.judge):
         judge = load_reward(settings.judge, four_bit=settings.judge_4bit, flag="--judge")  # fails in seconds
+    elif settings.judge and not Path(settings.judge).exists() and (
+            settings.judge.startswith((".", "/", "~")) or settings.judge.count("/") > 1):
+        # A local path that is not there (a hub id has one slash): say so now, not after generating.
+        raise LoraDpoError(f"--judge {settings.judge}: no such directory. Fix: give a reward model directory or hub "
+                           "id, or module:function")
 
     loaded = load_inference_model(None, str(run_dir), device=device)
     model, tokenizer = loaded.model, loaded.tokenizer

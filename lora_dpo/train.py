@@ -530,6 +530,10 @@ def evaluate_finished_run(summary: RunSummary, config: Config, progress: bool | 
     A failure here leaves the finished run as it is, and says how to evaluate it again."""
     from .evaluation import evaluate_run
 
+    if not config.data.eval_file and config.data.eval_fraction == 0:
+        log.warning("eval.after_training: the run held out no pairs (data.eval_fraction=0, no data.eval_file), so "
+                    "there is nothing to evaluate on; run lora-dpo eval %s --data FILE", summary.output_dir)
+        return
     try:
         evaluate_run(summary.output_dir, config.eval, device=config.model.device, progress=progress, show=log.info)
     except LoraDpoError as exc:

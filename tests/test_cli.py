@@ -47,7 +47,8 @@ def test_demo_reaches_its_held_out_accuracy(tmp_path, capsys):
 
 def test_train_writes_the_documented_output_layout(tmp_path, capsys):
     assert main(["demo", *demo_args(tmp_path, "train.max_steps=4", "train.eval_every=2", "train.save_every=2",
-                                    "train.micro_batch_size=2", "dpo.loss=sigmoid", "dpo.rpo_alpha=null"),
+                                    "train.micro_batch_size=2", "dpo.loss=sigmoid", "dpo.rpo_alpha=null",
+                                    "eval.after_training=false"),
                  "--no-progress"]) == 0
     out = tmp_path / "out"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -71,7 +72,8 @@ def test_train_writes_the_documented_output_layout(tmp_path, capsys):
     # a finished run is never silently overwritten
     assert main(["train", *demo_args(tmp_path)]) == 2
     assert "already holds a finished run" in capsys.readouterr().err
-    assert main(["train", *demo_args(tmp_path, "train.max_steps=1"), "--overwrite", "--no-progress"]) == 0
+    assert main(["train", *demo_args(tmp_path, "train.max_steps=1", "eval.after_training=false"), "--overwrite",
+                 "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
     assert not (out / "checkpoint-2").exists()
 

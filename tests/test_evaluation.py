@@ -165,6 +165,8 @@ def test_eval_mistakes_are_one_line_and_write_nothing(finished_run, tmp_path, ca
     assert not out.exists()
     assert main(["eval", str(finished_run), "--data", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
     assert "none.jsonl" in capsys.readouterr().err and not out.exists()
+    assert main(["eval", str(finished_run), "--judge", str(tmp_path / "no-judge"), "--out", str(out)]) == 2
+    assert "no-judge: no such directory" in capsys.readouterr().err and not out.exists()
     assert main(["eval", str(tmp_path), "--out", str(out)]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
 
@@ -189,8 +191,9 @@ def test_demo_runs_from_any_directory_and_replaces_its_own_run(tmp_path, monkeyp
 
     build_demo_base(tmp_path / "runs" / "demo" / "base-model", hidden_size=64, layers=2)  # skip the pre-training
     monkeypatch.chdir(tmp_path)  # not the repository: the demo finds its data from the package
+    # No held-out pairs: the demo's evaluation after training is skipped, with a warning.
     quick = ["train.max_steps=1", "model.load_in_4bit=false", "train.micro_batch_size=1", "data.eval_file=null",
-             "data.eval_fraction=0", "eval.after_training=false", "--no-progress"]
+             "data.eval_fraction=0", "--no-progress"]
     assert main(["demo", *quick]) == 0
     run = tmp_path / "runs" / "demo" / "adapter"
     assert (run / "summary.json").is_file()
@@ -200,6 +203,7 @@ def test_demo_runs_from_any_directory_and_replaces_its_own_run(tmp_path, monkeyp
     with caplog.at_level("INFO"):
         assert main(["demo", *quick]) == 0
     assert "replacing the demo's earlier run in runs/demo/adapter" in caplog.text
+    assert "the run held out no pairs" in caplog.text and not (run / "eval").exists()
     assert (run / "notes.txt").read_text() == "mine"  # nothing else is touched
     # A missing data file fails before the model is built (no pre-training, nothing left behind).
     assert main(["demo", f"data.train_file={tmp_path / 'missing.jsonl'}", "model.name_or_path=elsewhere"]) == 2
