@@ -212,6 +212,32 @@ class OutputConfig:
 
 
 @dataclass
+class EvalConfig:
+    after_training: bool = False
+    """Run the evaluation of `lora-dpo eval` on the finished run at the end of `lora-dpo train` (writes output.dir/eval/)."""
+    judge: Optional[str] = None
+    """Judge of the win rate: a reward model directory or hub id, or module:function / file.py:function scoring (prompt, answer); null: no win rate."""
+    judge_4bit: bool = False
+    """Load a reward-model judge in 4-bit NF4 (about a quarter of its 16-bit memory)."""
+    prompts: int = 32
+    """Held-out prompts answered by the reference and the policy (the first distinct ones of the held-out pairs)."""
+    samples: int = 2
+    """Answers per prompt from each model, the same seeds for both."""
+    max_new_tokens: int = 256
+    """Longest answer, in tokens; answers cut here count in their length and KL as they are."""
+    temperature: float = 1.0
+    """Sampling temperature; 1 with top_p 1 and top_k 0 samples the models themselves, which the KL estimate assumes."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1 disables it."""
+    top_k: int = 0
+    """Top-k sampling; 0 disables it."""
+    seed: int = 0
+    """Sampling seed; answer j to prompt i has its own stream from (seed, i, j)."""
+    batch_size: int = 8
+    """Sequences generated (and judged) together; more is faster and needs more memory."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model and how it is loaded."""
@@ -225,6 +251,8 @@ class Config:
     """The optimisation loop."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where results go."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The evaluation after training (the settings of `lora-dpo eval`)."""
 
     def validate(self) -> None:
         """Cross-field and range checks that types alone cannot express."""
@@ -272,6 +300,16 @@ class Config:
             (self.train.keep_last > 0, "train.keep_last", "must be positive"),
             (self.train.max_bad_steps > 0, "train.max_bad_steps", "must be positive"),
             (bool(self.output.dir), "output.dir", "is required"),
+            (self.eval.prompts > 0, "eval.prompts", "must be positive"),
+            (self.eval.samples > 0, "eval.samples", "must be positive"),
+            (self.eval.samples == 1 or self.eval.temperature > 0, "eval.samples",
+             "must be 1 with eval.temperature=0 (greedy decoding gives the same answer every time)"),
+            (self.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be positive"),
+            (self.eval.temperature >= 0, "eval.temperature", "must be >= 0 (0 decodes greedily)"),
+            (0 < self.eval.top_p <= 1, "eval.top_p", "must be in (0, 1]"),
+            (self.eval.top_k >= 0, "eval.top_k", "must be >= 0 (0 disables it)"),
+            (self.eval.batch_size > 0, "eval.batch_size", "must be positive"),
+            (self.eval.judge is None or bool(self.eval.judge.strip()), "eval.judge", "must be null or name a judge"),
         ]
         for ok, key, message in checks:
             if not ok:

@@ -265,6 +265,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     **_rules("applied", "the batches of the next epochs", "data.group_by_length"),
     **_rules("applied", "what the run writes and when it stops", "train.eval_every", "train.save_every",
              "train.log_every", "train.keep_last", "train.max_bad_steps"),
+    **_rules("applied", "the evaluation after training", "eval.*"),
     # speed: applied, and the numbers stay the same up to rounding.
     **_rules("speed", "speed and memory only", "model.gradient_checkpointing", "model.checkpoint_layers",
              "model.compile", "model.attn_implementation", "model.device", "data.layout", "data.pack_length",
@@ -522,7 +523,27 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None,
     with _compile_errors_as_one_line(config):
         run = setup_run(config, overwrite, model=model, tokenizer=tokenizer, data=data)
         run_loop(run, progress, on_evaluation)
-        return finish_run(run)
+        summary = finish_run(run)
+    if config.eval.after_training:
+        del run  # the training copy of the model: the evaluation loads the finished run as inference does
+        evaluate_finished_run(summary, config, progress)
+    return summary
+
+
+def evaluate_finished_run(summary: RunSummary, config: Config, progress: bool | None) -> None:
+    """``lora-dpo eval`` on the run just finished (eval.after_training); the table goes to the log.
+    A failure here leaves the finished run as it is, and says how to evaluate it again."""
+    from .evaluation import evaluate_run
+
+    if not config.data.eval_file and config.data.eval_fraction == 0:
+        log.warning("eval.after_training: the run held out no pairs (data.eval_fraction=0, no data.eval_file), so "
+                    "there is nothing to evaluate on; run lora-dpo eval %s --data FILE", summary.output_dir)
+        return
+    try:
+        evaluate_run(summary.output_dir, config.eval, device=config.model.device, progress=progress, show=log.info)
+    except LoraDpoError as exc:
+        raise LoraDpoError(f"the run finished and is saved in {summary.output_dir}, but its evaluation failed: {exc} "
+                           f"(then: lora-dpo eval {summary.output_dir})") from exc
 
 
 @contextlib.contextmanager

@@ -37,11 +37,18 @@ def test_demo_reaches_its_held_out_accuracy(tmp_path, capsys):
     rude = [phrase.split("{")[0].strip() for phrase in RUDE_OPENERS + RUDE_BODIES + RUDE_CLOSERS]
     for answer in tuned:
         assert answer and not any(phrase and phrase in answer for phrase in rude), answer
+    # The evaluation after training (eval: in configs/demo.yaml), judged by lora_dpo.demo:kindness.
+    result = json.loads((tmp_path / "out" / "eval" / "eval.json").read_text())
+    accuracy = result["metrics"]["held-out accuracy"]
+    assert accuracy["policy"] > accuracy["reference"] and result["pairs"] == 64
+    assert result["judge"] == "lora_dpo.demo:kindness" and result["win_rate"]["win_rate"] > 0.5
+    assert "win rate of the tuned demo model over its base on 16 unseen prompts" in printed
 
 
 def test_train_writes_the_documented_output_layout(tmp_path, capsys):
     assert main(["demo", *demo_args(tmp_path, "train.max_steps=4", "train.eval_every=2", "train.save_every=2",
-                                    "train.micro_batch_size=2", "dpo.loss=sigmoid", "dpo.rpo_alpha=null"),
+                                    "train.micro_batch_size=2", "dpo.loss=sigmoid", "dpo.rpo_alpha=null",
+                                    "eval.after_training=false"),
                  "--no-progress"]) == 0
     out = tmp_path / "out"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -65,7 +72,8 @@ def test_train_writes_the_documented_output_layout(tmp_path, capsys):
     # a finished run is never silently overwritten
     assert main(["train", *demo_args(tmp_path)]) == 2
     assert "already holds a finished run" in capsys.readouterr().err
-    assert main(["train", *demo_args(tmp_path, "train.max_steps=1"), "--overwrite", "--no-progress"]) == 0
+    assert main(["train", *demo_args(tmp_path, "train.max_steps=1", "eval.after_training=false"), "--overwrite",
+                 "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
     assert not (out / "checkpoint-2").exists()
 
