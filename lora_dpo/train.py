@@ -534,7 +534,8 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None,
         finally:
             run.tracker.close()
     if config.output.report:
-        write_report(run.out)
+        for warning in write_report(run.out).warnings:
+            log.warning("warning: %s", warning)
     return summary
 
 

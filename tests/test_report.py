@@ -255,3 +255,24 @@ def test_sample_every_without_prompts_is_refused_before_the_run_writes(llama_dir
     with pytest.raises(LoraDpoError, match="train.sample_every answers the held-out pairs' prompts, and there are none"):
         train(config, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_wandb_and_trackio_log_offline(tmp_path, monkeypatch):
+    """Where the extras are installed: both back-ends log a row without any network."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is first imported
+    pytest.importorskip("trackio")
+    from lora_dpo.tracking import open_trackers
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = load_config(None, ["model.name_or_path=m", "data.train_file=t.jsonl", f"output.dir={tmp_path / 'run'}",
+                                "output.report_to=[wandb, trackio]"])
+    (tmp_path / "run").mkdir()
+    tracker = open_trackers(config, tmp_path / "run")
+    tracker.log({"step": 1, "split": "train", "loss": 0.69})
+    tracker.close()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    from trackio.utils import TRACKIO_DIR
+
+    assert (TRACKIO_DIR / "lora-dpo.db").is_file() or (TRACKIO_DIR / "lora-dpo.lock").exists()
