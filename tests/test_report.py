@@ -84,6 +84,18 @@ def test_the_data_audit_and_the_periodic_samples_are_written_and_reported(run_di
     assert "28" in page and "rows read" in page
 
 
+def test_sampling_during_training_leaves_the_training_unchanged(run_dir, llama_dir, tmp_path):
+    """The samples draw from their own generators: the same run without them logs the same numbers."""
+    config = make_config(llama_dir, run_dir.parent / "t.jsonl", tmp_path / "plain", "train.max_steps=3",
+                         "train.eval_every=2", "data.eval_fraction=0.125")
+    train(config, progress=False)
+    numbers = ("loss", "rewards/margins", "logps/chosen", "logps/rejected")
+    logged = [[(row["step"], [row[key] for key in numbers]) for row in lines(out / "metrics.jsonl")]
+              for out in (run_dir, tmp_path / "plain")]
+    assert logged[0] == logged[1]
+    assert not (tmp_path / "plain" / "samples.jsonl").exists() and not (tmp_path / "plain" / "report.html").exists()
+
+
 def test_tensorboard_event_files_hold_every_metrics_row(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
