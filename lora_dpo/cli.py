@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     merge.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
+    report = commands.add_parser("report", help="rebuild a run's report.md, report.html and plots (docs/report.md)")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a training run's output.dir, finished or not")
+    report.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
     generate = commands.add_parser("generate", help="sample from a model, or from base + adapter (docs/merge.md)")
     generate.add_argument("model", help="adapter directory (runs base + adapter), merged model directory, or any model")
     generate.add_argument("--base", help="base model for an adapter directory (default: the one it names)")
@@ -219,6 +223,15 @@ def _run(args: argparse.Namespace) -> int:
 
         _quiet_libraries()
         return run_sweep_command(args)
+    if args.command == "report":
+        from .report import write_report
+
+        written = write_report(args.run_dir)
+        for warning in written.warnings:
+            print(f"warning: {warning}")
+        print(f"report: {written.html} (and {written.markdown.name}, {len(written.plots)} plots in "
+              f"{written.markdown.parent / 'plots'})")
+        return 0
     if args.command == "generate":
         from .generate import run_generate_command
 

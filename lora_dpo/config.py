@@ -203,12 +203,26 @@ class TrainConfig:
     """Continue from the newest complete checkpoint in output.dir: always (as --resume), never, or auto: continue when there is one, else start, and do nothing when this run already finished."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped, not applied)."""
+    sample_every: int = 0
+    """Answer a few fixed prompts every this many steps (and before the first and after the last) into samples.jsonl, to see how answers change (0: never)."""
+    sample_prompts: int = 4
+    """How many prompts sample_every answers: the first of sample_file, or of the held-out pairs' prompts."""
+    sample_file: Optional[str] = None
+    """Prompt file for sample_every (.txt one per line, or .jsonl/.json/.parquet with a prompt column); null takes the held-out pairs' prompts."""
+    sample_max_new_tokens: int = 64
+    """Longest sample_every answer, in tokens."""
+    sample_temperature: float = 0.7
+    """Sampling temperature of sample_every answers (0: greedy); each prompt keeps its random numbers from step to step, so answers change only as the model does."""
 
 
 @dataclass
 class OutputConfig:
     dir: str = "runs/dpo"
-    """Directory that receives the adapter, tokenizer, resolved config and metrics."""
+    """Directory that receives the adapter, tokenizer, resolved config, metrics, plots and report."""
+    report: bool = True
+    """Write report.md, report.html and plots/ at the end of the run (lora-dpo report RUN_DIR writes them at any time); a few seconds of plotting."""
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+    """Experiment trackers that also receive every metrics row, e.g. [tensorboard]; each is an optional extra (pip install 'lora-dpo[tensorboard]'), W&B runs offline unless WANDB_MODE says otherwise."""
 
 
 @dataclass
@@ -299,6 +313,11 @@ class Config:
             (self.train.log_every > 0, "train.log_every", "must be positive"),
             (self.train.keep_last > 0, "train.keep_last", "must be positive"),
             (self.train.max_bad_steps > 0, "train.max_bad_steps", "must be positive"),
+            (self.train.sample_every >= 0, "train.sample_every", "must be >= 0 (0: never)"),
+            (self.train.sample_prompts > 0, "train.sample_prompts", "must be positive"),
+            (self.train.sample_max_new_tokens > 0, "train.sample_max_new_tokens", "must be positive"),
+            (self.train.sample_temperature >= 0, "train.sample_temperature", "must be >= 0 (0: greedy)"),
+            (len(set(self.output.report_to)) == len(self.output.report_to), "output.report_to", "lists a tracker twice"),
             (bool(self.output.dir), "output.dir", "is required"),
             (self.eval.prompts > 0, "eval.prompts", "must be positive"),
             (self.eval.samples > 0, "eval.samples", "must be positive"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Union
@@ -72,6 +73,8 @@ class DataReport:
     truncated_prompts: int = 0
     truncated_responses: int = 0
     dropped: int = 0
+    problems: Counter = field(default_factory=Counter)
+    """Skipped rows by problem (e.g. "field 'rejected': is identical to chosen"), as prompts.PromptReport counts them."""
 
     def summary(self) -> str:
         parts = [f"{self.source}: {self.rows} rows"]
@@ -104,6 +107,10 @@ class RowError(Exception):
     def message(self, where: str) -> str:
         field_part = f" field '{self.field_name}':" if self.field_name else ""
         return f"{where}:{field_part} {self.problem}. Fix: {self.fix}"
+
+    def reason(self) -> str:
+        """The problem without its row: what skipped rows are counted by."""
+        return (f"field '{self.field_name}': " if self.field_name else "") + self.problem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,6 +449,7 @@ def load_examples(source: str, split: str, columns: tuple[str, str, str], on_bad
                 raise DataError(exc.message(where) + " (or set data.on_bad_row=skip)") from None
             log.warning("skipped %s", exc.message(where))
             report.skipped += 1
+            report.problems[exc.reason()] += 1
             continue
         examples.append(PreferenceExample(prompt, chosen, rejected, where, implicit_prompt=row.get(columns[0]) is None))
     report.rows = len(examples) + report.skipped
@@ -645,6 +653,7 @@ def tokenize_examples(examples: list[PreferenceExample], tokenizer: Any, max_len
                 raise DataError(exc.message(example.where) + " (or set data.on_bad_row=skip)") from None
             log.warning("skipped %s", exc.message(example.where))
             report.skipped += 1
+            report.problems[exc.reason()] += 1
             report.implicit_prompts -= example.implicit_prompt
     if not texts:
         return []
@@ -732,3 +741,52 @@ def load_preference_data(data_config: Any, tokenizer: Any, seed: int) -> Prefere
     """Read, validate, split and tokenize the train (and eval) pairs described by DataConfig."""
     return tokenize_preference_data(read_preference_examples(data_config, seed), data_config, tokenizer)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The audit a run keeps of its data (data_audit.json, shown by the report)
+
+AUDIT_FORMAT = 1
+HISTOGRAM_BINS = 20
+
+
+def data_audit(data: PreferenceData) -> dict[str, Any]:
+    """What was read and what became of it, per split: the counts of its DataReport (rows, skipped
+    by problem, truncations, pairs whose chosen and rejected are the same) and token-length
+    histograms of the prompts and responses as trained (after truncation). JSON-able."""
+    splits = []
+    for name, pairs, report in zip(("train", "held-out"), (data.train, data.eval), data.reports):
+        identical_skipped = sum(count for problem, count in report.problems.items() if "identical to" in problem)
+        splits.append({
+            "name": name, "source": report.source, "rows": report.rows, "skipped": report.skipped,
+            "skipped_by_reason": dict(report.problems.most_common()), "implicit_prompts": report.implicit_prompts,
+            "truncated_prompts": report.truncated_prompts, "truncated_responses": report.truncated_responses,
+            # Skipped as bad rows (identical as read) or dropped (identical once truncated).
+            "chosen_equals_rejected": {"rows_skipped": identical_skipped, "dropped_after_truncation": report.dropped},
+            "pairs": len(pairs),
+            "lengths": {part: length_histogram([len(getattr(pair, f"{part}_ids")) for pair in pairs])
+                        for part in ("prompt", "chosen", "rejected")},
+        })
+    return {"format": AUDIT_FORMAT, "splits": splits}
+
+
+def length_histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
+    """Equal-width bins from 0 to the longest length: ``edges`` (bins + 1 values) and ``counts``;
+    the last bin includes its right edge. Also the mean, median and maximum."""
+    if not lengths:
+        return {"edges": [], "counts": [], "mean": 0.0, "median": 0, "max": 0}
+    top = max(lengths)
+    width = max(1, -(-top // bins))  # whole tokens per bin, enough bins to reach the longest
+    count = max(1, -(-top // width))
+    counts = [0] * count
+    for length in lengths:
+        counts[min(count - 1, length // width)] += 1
+    return {"edges": [i * width for i in range(count + 1)], "counts": counts, "mean": sum(lengths) / len(lengths),
+            "median": sorted(lengths)[len(lengths) // 2], "max": top}
+
+
+def write_data_audit(data: PreferenceData, path: Path) -> None:
+    """``data_audit`` as JSON at ``path``, atomically."""
+    temporary = path.with_name(f".tmp-{path.name}")
+    temporary.write_text(json.dumps(data_audit(data), indent=1) + "\n", encoding="utf-8")
+    temporary.replace(path)

@@ -86,7 +86,7 @@ def read_prompts(source: str, *, column: str = "prompt", split: str = "train", o
                 raise DataError(exc.message(where) + f" (or {_setting(on_bad_row_option, 'skip')})") from None
             log.warning("skipped %s", exc.message(where))
             report.skipped += 1
-            report.problems[(f"field '{exc.field_name}': " if exc.field_name else "") + exc.problem] += 1
+            report.problems[exc.reason()] += 1
         report.rows = index + 1
     if not prompts:
         what = "every row was bad and skipped" if report.skipped else "it holds no rows"

@@ -10,7 +10,8 @@
   touched, so a mistake never leaves a half-written run behind.
 - ``run_loop`` runs the optimizer steps (``train_step``); after each, ``record`` logs the metrics
   row, ``evaluation_row`` evaluates and ``save_checkpoint`` saves on schedule.
-- ``finish_run`` saves the adapter and tokenizer, and summary.json last.
+- ``finish_run`` saves the adapter and tokenizer, and summary.json last; ``train`` then writes the
+  report (report.md, report.html, plots/).
 
 Per optimizer step, for each micro-batch: reference log-probs (no grad, adapters off), policy
 log-probs (adapters on), the loss, backward. Then clip, step, schedule (``DpoStep``).
@@ -18,8 +19,10 @@ log-probs (adapters on), the loss, backward. Then clip, step, schedule (``DpoSte
 Where other work attaches: settings found by trying the model go in ``setup_run`` after the model
 loads and before the stream counts micro-batches; work due every N steps goes in ``run_loop``
 beside the evaluation; every metrics row passes through ``record``; ``PairStream.next_step``
-hands out each step's pairs; the output directory is written only by ``_open_output``, ``record``,
-``save_checkpoint`` and ``finish_run``; work on the finished run follows ``finish_run``.
+hands out each step's pairs; the output directory is written only by ``_open_output`` (then the
+data audit, and the trackers' files), ``record``, ``write_samples`` (train.sample_every),
+``save_checkpoint`` and ``finish_run``; work on the finished run follows ``finish_run``, and the
+report (``report.write_report``) comes last.
 """
 
 from __future__ import annotations
@@ -48,13 +51,16 @@ from .batching import PairLogps, collate, length_grouped_batches, pair_logps, sc
 from .checkpoint import (CHECKPOINT_PREFIX, complete_checkpoints, read_trainer_state, remove_partial_writes,
                          restore_checkpoint, write_checkpoint)
 from .config import Config, load_config, save_config
-from .data import PreferenceData, TokenizedPair, read_preference_examples, tokenize_preference_data
+from .data import PreferenceData, TokenizedPair, read_preference_examples, tokenize_preference_data, write_data_audit
 from .errors import Interrupted, LoraDpoError, one_line
 from .losses import PreferenceLoss, needs_reference, preference_loss, reward_definition
 from .memory import auto_batch_as_saved, planner_hint, resolve_auto_batch
 from .modeling import (REFERENCE_ADAPTER, TRAINED_ADAPTER, autocast_for, load_model, load_tokenizer, reference_model,
                        resolve_compute_dtype, resolve_device, save_adapter, trainable_parameters)
 from .reference_cache import ReferenceTable, pairs_digest, reference_logps_for
+from .report import AUDIT_FILE, REPORT_FILES, SAMPLES_FILE, write_report
+from .run_samples import SamplePrompts, keep_until, sample_prompts, write_samples
+from .tracking import Trackers, check_trackers, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +105,7 @@ class RunSummary:
             e = self.final_eval
             out.append(f"held-out ({self.eval_pairs} pairs): preference accuracy {e['rewards/accuracy']:.3f}, "
                        f"reward margin {e['rewards/margins']:.3f}, loss {e['loss']:.4f}")
-        out.append(f"adapter, tokenizer, config and metrics in {self.output_dir}")
+        out.append(f"adapter, tokenizer, config, metrics and report in {self.output_dir} (open report.html)")
         return out
 
     def write(self, path: Path) -> None:
@@ -264,14 +270,16 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     **_rules("applied", "the rounding of every computation", "model.compute_dtype"),
     **_rules("applied", "the batches of the next epochs", "data.group_by_length"),
     **_rules("applied", "what the run writes and when it stops", "train.eval_every", "train.save_every",
-             "train.log_every", "train.keep_last", "train.max_bad_steps"),
+             "train.log_every", "train.keep_last", "train.max_bad_steps", "train.sample_every", "train.sample_prompts",
+             "train.sample_file", "train.sample_max_new_tokens", "train.sample_temperature"),
     **_rules("applied", "the evaluation after training", "eval.*"),
     # speed: applied, and the numbers stay the same up to rounding.
     **_rules("speed", "speed and memory only", "model.gradient_checkpointing", "model.checkpoint_layers",
              "model.compile", "model.attn_implementation", "model.device", "data.layout", "data.pack_length",
              "dpo.logps_chunk_size", "dpo.precompute_reference", "dpo.reference_cache_dir"),
     # irrelevant: nothing the run computes depends on them.
-    **_rules("irrelevant", "nothing the run computes", "model.trust_remote_code", "train.resume", "output.dir"),
+    **_rules("irrelevant", "nothing the run computes", "model.trust_remote_code", "train.resume", "output.dir",
+             "output.report", "output.report_to"),
 }
 
 
@@ -501,6 +509,10 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     last_train: dict[str, Any] = field(default_factory=dict)
     """The newest train metrics row."""
+    samples: SamplePrompts | None = None
+    """The prompts train.sample_every answers; None when it is 0."""
+    tracker: Trackers = field(default_factory=lambda: Trackers([]))
+    """The experiment trackers of output.report_to."""
 
     @property
     def metrics_path(self) -> Path:
@@ -522,11 +534,18 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None,
         return done
     with _compile_errors_as_one_line(config):
         run = setup_run(config, overwrite, model=model, tokenizer=tokenizer, data=data)
-        run_loop(run, progress, on_evaluation)
-        summary = finish_run(run)
+        try:
+            run_loop(run, progress, on_evaluation)
+            summary = finish_run(run)
+        finally:
+            run.tracker.close()
+    out = run.out
     if config.eval.after_training:
         del run  # the training copy of the model: the evaluation loads the finished run as inference does
         evaluate_finished_run(summary, config, progress)
+    if config.output.report:  # last: the report shows the evaluation when there is one
+        for warning in write_report(out).warnings:
+            log.warning("warning: %s", warning)
     return summary
 
 
@@ -575,6 +594,7 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
     out = Path(config.output.dir)
     data_files = [Path(f) for f in (config.data.train_file, config.data.eval_file) if f and Path(f).exists()]
     resume_from = check_output_dir(out, overwrite, config.train.resume, data_files)
+    check_trackers(config)
     saved_state, changes = None, {}
     if resume_from is not None:
         changes = check_resume_settings(resume_from, out, config)
@@ -590,6 +610,7 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
     elif tokenizer is None:
         raise ValueError("setup_run: data= needs the tokenizer= it was tokenized with")
     fingerprint = data_fingerprint(data)
+    samples = sample_prompts(config, data, tokenizer)
     if saved_state is not None:
         _check_resume_data(resume_from, saved_state.get("data"), fingerprint)
         _check_resume_progress(resume_from, saved_state, config, len(data.train))
@@ -620,13 +641,17 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
               else round(train_config.warmup_ratio * total_steps))
     scheduler = build_scheduler(config, optimizer, warmup, total_steps, start_step=state["step"])
     save_config(config, out / "config.yaml")
+    write_data_audit(data, out / AUDIT_FILE)
+    keep_until(out, state["step"])  # a resume: the samples written after the checkpoint go
+    tracker = open_trackers(config, out)
     pairs_per_step = train_config.micro_batch_size * train_config.gradient_accumulation_steps
     log.info("training %d steps of up to %d pairs (%d train, %d held-out pairs) on %s, %s", total_steps, pairs_per_step,
              len(data.train), len(data.eval), device, str(compute_dtype).removeprefix("torch."))
     log.info("loss %s; rewards/* are %s", config.dpo.loss, reward_definition(config.dpo))
     step_runner = DpoStep(config, model, optimizer, scheduler, scaler, device, tokenizer.pad_token_id)
     return Run(config, out, device, tokenizer, data, fingerprint, model, optimizer, scheduler, scaler,
-               reference_tables, step_runner, stream, state, total_steps, target, state["step"])
+               reference_tables, step_runner, stream, state, total_steps, target, state["step"], samples=samples,
+               tracker=tracker)
 
 
 def fresh_adapter(model: Any, config: Config) -> None:
@@ -688,7 +713,8 @@ def _open_output(out: Path, resume_from: Path | None, model: Any, optimizer: tor
     if (out / RUN_MARKER).is_file():
         _clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    _record_written(out, {"config.yaml", "metrics.jsonl"})
+    _record_written(out, {"config.yaml", "metrics.jsonl", AUDIT_FILE, SAMPLES_FILE, "tensorboard", "wandb",
+                          *REPORT_FILES})
     metrics_path.write_text("", encoding="utf-8")
     return {"step": 0, "pairs_consumed": 0, "epoch_draw": None, "skipped_steps": 0, "consecutive_bad_steps": 0,
             "last_eval": None, "resumes": []}
@@ -709,6 +735,8 @@ def run_loop(run: Run, progress: bool | None = None,
         torch.cuda.reset_peak_memory_stats(run.device)
     try:
         stop.install()
+        if run.samples is not None and run.start_step == 0:
+            write_samples(run.model, run.tokenizer, run.samples, config, 0, run.out)  # the reference's answers
         for step in range(run.start_step + 1, total + 1):
             last = step == total
             row = train_step(run, step)
@@ -726,6 +754,8 @@ def run_loop(run: Run, progress: bool | None = None,
                           f"margin {row['rewards/margins']:.3f}")
                 if on_evaluation is not None:
                     on_evaluation(row)
+            if run.samples is not None and (step % config.train.sample_every == 0 or last):
+                write_samples(run.model, run.tokenizer, run.samples, config, step, run.out)
             save_now = config.train.save_every and step % config.train.save_every == 0
             if (save_now or stop.requested) and not last:
                 saved = save_checkpoint(run, step)
@@ -812,6 +842,7 @@ def record(run: Run, row: dict[str, Any]) -> None:
     """Append one metrics row to metrics.jsonl; every train and eval row of the run passes here."""
     with run.metrics_path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
+    run.tracker.log(row)
 
 
 def save_checkpoint(run: Run, step: int) -> Path:

@@ -67,6 +67,7 @@ def make_config(model_dir: Path, train_file: Path, out_dir: Path, *overrides: st
         "train.max_steps=3",
         "train.optim=adamw",
         "train.learning_rate=1e-3",
+        "output.report=false",  # plotting costs seconds per run; tests/test_report.py turns it on
     ]
     if any(o.startswith("model.init_adapter=") and o != "model.init_adapter=null" for o in overrides):
         base = [b for b in base if not b.startswith("lora.")]  # the adapter's own config decides its shape
