@@ -695,14 +695,16 @@ def parse_memory(text: str) -> int:
 
 def visible_gpu_budget() -> int | None:
     """Card memory a training process could use: the visible GPU's free memory, plus what this
-    process holds (its weights when called from a run) and the CUDA context the plan counts.
-    None without a CUDA GPU."""
+    process holds (its weights when called from a run) and the CUDA context the plan counts;
+    no more than torch.cuda.set_per_process_memory_fraction allows. None without a CUDA GPU."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    free, _ = torch.cuda.mem_get_info()
-    return free + torch.cuda.memory_reserved() + CUDA_CONTEXT
+    free, total = torch.cuda.mem_get_info()
+    usable = free + torch.cuda.memory_reserved()
+    fraction = torch.cuda.get_per_process_memory_fraction() if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
+    return int(min(usable, fraction * total)) + CUDA_CONTEXT
 
 
 def plan_command(config: Config, gpu_memory: str | None) -> int:

@@ -33,6 +33,15 @@ LLAMA_8B = {**LLAMA_1B, "hidden_size": 4096, "intermediate_size": 14336, "num_hi
             "head_dim": 128, "tie_word_embeddings": False}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on two busy cores: one thread (two make tiny steps many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def config(*overrides):
     return load_config(None, ["model.name_or_path=m", "data.train_file=t.jsonl", *overrides])
 
@@ -257,3 +266,26 @@ def test_auto_that_never_fits_is_one_clear_error(auto_setup, llama_dir, monkeypa
     assert not (folder / "never").exists()  # nothing written before the settings were settled
     with pytest.raises(LoraDpoError, match="train.pairs_per_step is only read with train.micro_batch_size=auto"):
         make_config(llama_dir, train_file, folder / "x", "train.pairs_per_step=4")
+
+
+def test_plan_check_puts_a_prediction_beside_each_measurement(tmp_path, capsys):
+    """scripts/plan_check.py (the `plan` stage of gpu_suite.sh) on the tiny shape on the CPU:
+    three lengths, both reference modes, each row with its prediction; no card is emulated
+    without CUDA, and the output says so."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("lora_dpo_plan_check", REPO / "scripts" / "plan_check.py")
+    plan_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_check)
+    report_file = tmp_path / "plan-check.json"
+    assert plan_check.main(["--shapes", "tiny", "--lengths", "24,40,64", "--steps", "1", "--device", "cpu",
+                            "--model-root", str(tmp_path), "--json", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    assert [(r["length"], r["reference"], r["status"]) for r in report["accuracy"]] == [
+        (n, mode, "ok") for n in (24, 40, 64) for mode in ("every_step", "precomputed")]
+    assert [(r["rows"], r["row_length"]) for r in report["accuracy"]] == [(4, 24)] * 2 + [(4, 40)] * 2 + [(4, 64)] * 2
+    assert all(r["predicted_reserved_gib"] > r["predicted_allocated_gib"] > 0 for r in report["accuracy"])
+    out = capsys.readouterr().out
+    assert "| tiny | 64 | precomputed | 2 | 4 x 64 |" in out and "Emulated cards: not run (no CUDA device)." in out
