@@ -316,10 +316,11 @@ def lora_rank_bytes(targets: list[str], rank: int, experts_per_token: int) -> in
 
 
 def backward_work_bytes(shape: ModelShape) -> int:
-    """Per token, in one layer's backward: bf16 gradients of gate, up and their product (6i), of q,
-    k and v at every head (6a), and the norms' float32 gradient temporaries (8h)."""
-    a = shape.heads * shape.head_dim
-    return 6 * shape.intermediate_size * shape.experts_per_token + 6 * a + 8 * shape.hidden_size
+    """Per token, at the widest point of one layer's backward (its MLP, whose saved tensors are
+    freed as they are used): bf16 gradients of the product, SiLU's output and up (6i), and of the
+    residual stream coming in and going out (4h). The attention's gradients come later, when the
+    MLP's saved tensors are gone, and are smaller."""
+    return 6 * shape.intermediate_size * shape.experts_per_token + 4 * shape.hidden_size
 
 
 def no_grad_layer_bytes(shape: ModelShape) -> int:
@@ -768,8 +769,8 @@ def resolve_auto_batch(config: Config, model: Any, pairs: Sequence[Any], device:
     """``config`` with train.micro_batch_size=auto replaced by the largest micro-batch that fits.
 
     The planner proposes the largest divisor of the pairs per step that fits this GPU (on the
-    longest pairs of the data); a real trial step, forward and backward on the longest pairs
-    with room held for the optimizer state, confirms it. On out-of-memory the failed step's
+    longest pairs of the data); real trial steps, forward and backward on the longest pairs with
+    room held for the optimizer state, start one divisor above it and settle it. On out-of-memory the failed step's
     gradients are dropped and the next smaller divisor is tried, with the gradient accumulation
     raised to match, so the pairs per step stay as configured. The RNG is restored afterwards, so
     the run trains as it would with the chosen size written in the config. On a CPU there is no
@@ -780,18 +781,8 @@ def resolve_auto_batch(config: Config, model: Any, pairs: Sequence[Any], device:
 
     pairs_total = pairs_per_step(config.train)
     order = sorted(range(len(pairs)), key=lambda i: _layout_length(pairs[i], config.data.layout), reverse=True)
-    candidates = divisors(pairs_total)
-    budget = visible_gpu_budget() if device.type == "cuda" else None
-    planned = ""
-    if budget is not None:
-        shape = ModelShape.from_config(_base_config(model))
-        choice = choose_batch(shape, config, budget, expandable_segments=expandable_segments_on(),
-                              batch_of=lambda size: micro_batch_of([pairs[i] for i in order[:size]],
-                                                                   config.data.layout, config.data.pack_length))
-        start = choice.micro_batch_size or 1
-        candidates = [size for size in candidates if size <= start]
-        planned = (f"the planner fits {choice.micro_batch_size} in {gib(budget)} GiB" if choice.micro_batch_size
-                   else f"the planner fits none in {gib(budget)} GiB; trying 1")
+    candidates, planned = trial_sizes(config, model, pairs, order,
+                                      visible_gpu_budget() if device.type == "cuda" else None)
     from .train import DpoStep
 
     step = DpoStep(config, model, None, None, None, device, pad_id)
@@ -824,6 +815,27 @@ def resolve_auto_batch(config: Config, model: Any, pairs: Sequence[Any], device:
     raise LoraDpoError(f"train.micro_batch_size=auto: not even one pair fits: a trial step on the longest pair "
                        f"({tokens} tokens, data.max_length={config.data.max_length}) ran out of GPU memory. Fix: lower "
                        "data.max_length; `lora-dpo plan CONFIG` shows what fits and which switches buy room")
+
+
+def trial_sizes(config: Config, model: Any, pairs: Sequence[Any], order: list[int],
+                budget: int | None) -> tuple[list[int], str]:
+    """The micro-batch sizes to try, largest first, and what the planner said: every divisor of
+    the pairs per step without a budget; with one, from one divisor above the plan down."""
+    pairs_total = pairs_per_step(config.train)
+    candidates = divisors(pairs_total)
+    if budget is None:
+        return candidates, ""
+    shape = ModelShape.from_config(_base_config(model))
+    choice = choose_batch(shape, config, budget, expandable_segments=expandable_segments_on(),
+                          batch_of=lambda size: micro_batch_of([pairs[i] for i in order[:size]],
+                                                               config.data.layout, config.data.pack_length))
+    # One divisor above the plan first: the trial, not the prediction, has the last word, so a
+    # plan that errs on the side of caution by one size costs one trial step, not the batch.
+    above = [size for size in candidates if size > (choice.micro_batch_size or 0)]
+    start = above[-1] if above else pairs_total
+    planned = (f"the planner fits {choice.micro_batch_size} in {gib(budget)} GiB" if choice.micro_batch_size
+               else f"the planner fits none in {gib(budget)} GiB")
+    return [size for size in candidates if size <= start], planned
 
 
 @contextlib.contextmanager

@@ -72,11 +72,11 @@ def test_the_small_shape_worked_out_by_hand():
     # Head phase: final norm 6h per token + scored hidden states and gradients 4h each; the chunk
     # 124 tokens x 1000 x 12 bytes. It beats the layer phase: 128 tokens x 4,608 saved bytes
     # (norms 8h, SDPA 8a + 4 heads x 4, MLP 6i, LoRA with dropout 3 x input width per module
-    # = 1,920, rank outputs 7 x 2 x 8) and 128 x (6i + 6a + 8h) + the 64 x 256 weight in bf16.
+    # = 1,920, rank outputs 7 x 2 x 8) and 128 x (6i + 4h) + the 64 x 256 weight in bf16.
     assert got["decoder output and scored hidden states"] == (128 * 6 * 64 + 124 * 4 * 64,) * 2
     assert got["log-prob chunk (logits forward + backward)"] == (124 * 1000 * 12,) * 2
     assert got["one layer's activations in backward"] == (128 * 4608, 0)
-    assert got["backward working memory"] == (128 * 2432 + 16384 * 2, 0)
+    assert got["backward working memory"] == (128 * 1792 + 16384 * 2, 0)
     static = 61440 + 1950 + 256640 + 22528 * 18
     policy = static + 4096 + 32768 + 49152 + 31744 + 1488000
     assert plan.allocated == policy == 2331294
@@ -194,6 +194,35 @@ def test_plan_reads_a_bare_config_json_offline(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "not in the local hub cache" in err and err.count("\n") == 1
     assert memory.parse_memory("800MiB") == 800 * 2**20 and memory.parse_memory("12") == 12 * GIB
+
+
+def test_auto_tries_from_one_divisor_above_the_plan_down():
+    model = SimpleNamespace(config=LLAMA_8B)  # what the planner reads of a loaded model: its config
+    pairs = [TokenizedPair([1] * 200, [2] * 800, [3] * 700)] * 8
+    run = config("train.micro_batch_size=auto", "data.max_length=1024")
+    order = list(range(8))
+    assert memory.trial_sizes(run, model, pairs, order, None) == ([8, 4, 2, 1], "")
+    assert memory.trial_sizes(run, model, pairs, order, 80 * GIB)[0] == [8, 4, 2, 1]
+    planned = choose_batch(ModelShape.from_config(LLAMA_8B), run, 12 * GIB,
+                           batch_of=lambda size: micro_batch_of(pairs[:size], "padded")).micro_batch_size
+    sizes, said = memory.trial_sizes(run, model, pairs, order, 12 * GIB)
+    assert planned in (1, 2, 4) and sizes[0] == {1: 2, 2: 4, 4: 8}[planned] and sizes[-1] == 1
+    assert said == f"the planner fits {planned} in 12.00 GiB"
+    assert memory.trial_sizes(run, model, pairs, order, 4 * GIB) == ([1], "the planner fits none in 4.00 GiB")
+
+
+def test_the_models_and_cards_table_in_the_docs_is_the_planners():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("lora_dpo_memory_table", REPO / "scripts" / "memory_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    docs = (REPO / "docs" / "memory.md").read_text(encoding="utf-8")
+    between = docs.split("<!-- scripts/memory_table.py: begin -->\n")[1].split("\n<!-- scripts/memory_table.py: end -->")[0]
+    assert between == table.card_table() + "\n\n" + table.calibration_table()
+    assert "| Llama-3.1-70B | 70.6B | does not fit |" in between and "| 0.96 GiB allocated | 0.96 GiB |" in between
 
 
 def test_oom_message_carries_the_planners_choice(llama_dir, monkeypatch):
