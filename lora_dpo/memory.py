@@ -442,10 +442,9 @@ def plan_memory(shape: ModelShape, config: Config, batch: MicroBatch | None = No
         batch = longest_micro_batch(micro, length, config.data.layout, config.data.pack_length)
     h, v, n = shape.hidden_size, shape.vocab_size, batch.tokens
     dtype_bytes = 4 if model.compute_dtype == "float32" else 2
-    targets = [] if model.init_adapter else lora_modules(lora.target_modules)
-    if model.init_adapter:  # the adapter's own shape is unknown here: plan as the default all-linear r=16
-        targets = list(LINEAR_NAMES)
-    rank = lora.r if not model.init_adapter else 16
+    # An init adapter's own shape is unknown here: planned as the default, r=16 on every linear layer.
+    targets = list(LINEAR_NAMES) if model.init_adapter else lora_modules(lora.target_modules)
+    rank = 16 if model.init_adapter else lora.r
     sizes = lora_tensors(shape, targets, rank)
     lora_params = sum(sizes)
     parts: list[Part] = []
@@ -467,15 +466,19 @@ def plan_memory(shape: ModelShape, config: Config, batch: MicroBatch | None = No
         add("16-bit weights of the linear layers", quantized * dtype_bytes, "model.load_in_4bit=false", kind="weights")
     add("16-bit weights (embeddings, head, norms)", shape.unquantized_params() * dtype_bytes,
         "embeddings" + (" (tied head)" if shape.tied else " and the output head") + ", norms, in the compute dtype", kind="weights")
-    add("LoRA weights", lora_params * (4 + 2), f"{lora_params / 1e6:.1f}M in float32, and their bf16 copies under "
-        "autocast" + (" (planned as r=16 on all linear layers: model.init_adapter)" if model.init_adapter else ""),
-        kind="state")
+    # With an init adapter its frozen float32 copy is the reference: 4 more bytes per weight.
+    add("LoRA weights", lora_params * (4 + 2 + (4 if model.init_adapter else 0)),
+        f"{lora_params / 1e6:.1f}M in float32, and their bf16 copies under autocast" + (
+            "; planned as r=16 on every linear layer, with the frozen reference copy (model.init_adapter)"
+            if model.init_adapter else ""), kind="state")
     add("LoRA gradients", lora_params * 4, "float32, kept across the micro-batches of a step", kind="state")
     on_gpu, paged = optimizer_bytes(sizes, config.train.optim)
     add("optimizer state", on_gpu, "AdamW: two float32 moments" if config.train.optim == "adamw"
         else "8-bit moments of the tensors too small to page (under 100k elements)", kind="state")
     add("paged optimizer state", paged, "CUDA managed memory, outside torch's counters: the driver moves it to CPU "
-        "RAM when the card runs short (a PCIe copy per step)" if paged else "none (train.optim=adamw)", counted=0,
+        "RAM when the card runs short (a PCIe copy per step)" if paged else "none" + (
+            " (train.optim=adamw)" if config.train.optim == "adamw" else ": every state tensor is under 100k elements"),
+        counted=0,
         kind="state")
 
     checked = shape.layers if model.gradient_checkpointing else 0
@@ -908,7 +911,7 @@ def planner_hint(config: Config) -> str:
     except Exception:  # noqa: BLE001 - a hint must never hide the error it is attached to
         return ""
     if choice.micro_batch_size is None:
-        return f" The planner predicts {verdict(shape, config, card, expandable_segments_on())}."
-    return (f" The planner (lora-dpo plan) would have chosen train.micro_batch_size={choice.micro_batch_size} with "
+        return f"; the planner (lora-dpo plan) predicts {verdict(shape, config, card, expandable_segments_on())}"
+    return (f"; the planner (lora-dpo plan) would have chosen train.micro_batch_size={choice.micro_batch_size} with "
             f"train.gradient_accumulation_steps={choice.accumulation} for this {gib(card)} GiB card at "
-            f"data.max_length={config.data.max_length}, or train.micro_batch_size=auto.")
+            f"data.max_length={config.data.max_length} (or set train.micro_batch_size=auto)")

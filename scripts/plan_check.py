@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     def stop(number: int, frame: Any) -> None:
         raise Stopped
 
-    signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop)
     bench.quiet_libraries()
     work = Path(bench.tempfile.mkdtemp(prefix="lora-dpo-plan-check-"))
     try:
@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped:
         report["partial"] = True
     finally:
+        signal.signal(signal.SIGTERM, previous)  # called in-process (the tests), the caller's handler comes back
         shutil.rmtree(work, ignore_errors=True)
     save()
     print(render(report))

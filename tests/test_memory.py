@@ -5,6 +5,7 @@ config.json, and ``train.micro_batch_size: auto`` with its trial step and back-o
 from __future__ import annotations
 
 import json
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -231,10 +232,11 @@ def test_oom_message_carries_the_planners_choice(llama_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=8 * GIB))
     run = make_config(llama_dir, "t.jsonl", "out", "train.micro_batch_size=4", "train.gradient_accumulation_steps=2")
     hint = memory.planner_hint(run)
-    assert hint.startswith(" The planner (lora-dpo plan) would have chosen train.micro_batch_size=8 with "
+    assert hint.startswith("; the planner (lora-dpo plan) would have chosen train.micro_batch_size=8 with "
                            "train.gradient_accumulation_steps=1 for this 8.00 GiB card")
     message = str(train_module._out_of_memory(run, "at step 1", []))
-    assert message.endswith(hint) and "out of GPU memory at step 1" in message
+    assert message.endswith(f"(every layer){hint}; --debug shows the traceback")
+    assert "out of GPU memory at step 1" in message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,8 +311,10 @@ def test_plan_check_puts_a_prediction_beside_each_measurement(tmp_path, capsys):
     plan_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plan_check)
     report_file = tmp_path / "plan-check.json"
+    handler = signal.getsignal(signal.SIGTERM)
     assert plan_check.main(["--shapes", "tiny", "--lengths", "24,40,64", "--steps", "1", "--device", "cpu",
                             "--model-root", str(tmp_path), "--json", str(report_file)]) == 0
+    assert signal.getsignal(signal.SIGTERM) is handler  # its SIGTERM handler does not outlive it
     report = json.loads(report_file.read_text())
     assert [(r["length"], r["reference"], r["status"]) for r in report["accuracy"]] == [
         (n, mode, "ok") for n in (24, 40, 64) for mode in ("every_step", "precomputed")]
