@@ -73,6 +73,8 @@ class PairBatch:
     """Throughput count: 2 x prompt + chosen + rejected tokens over the pairs (what unshared work costs)."""
     layout: str = "padded"
     """The layout (one of ``LAYOUTS``) the rows were laid out in."""
+    target_offsets: torch.Tensor | None = None
+    """(n,) index of each scored token within its response (0 for the first): what LD-DPO weights by."""
 
     def to(self, device: torch.device | str) -> "PairBatch":
         moved = {}
@@ -84,12 +86,19 @@ class PairBatch:
 
 @dataclass
 class PairLogps:
-    """Summed log-probs of each pair's responses, with their token counts, shape (pairs,) each."""
+    """Summed log-probs of each pair's responses, with their token counts, shape (pairs,) each.
+
+    With LD-DPO (``pair_logps(..., ld_alpha=a)``) the sums weight the tokens past the shorter
+    response's length by a; the counts stay whole.
+    """
 
     chosen: torch.Tensor
     rejected: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
+    chosen_aligned: torch.Tensor | None = None
+    """WPO (``pair_logps(..., wpo=True)``): sum over the response of log p(token) - log sum_v p(v)^2, no grad."""
+    rejected_aligned: torch.Tensor | None = None
 
 
 def collate(pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int = 8,
@@ -130,7 +139,7 @@ def _collate_padded(pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_mu
     length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    target_rows, target_positions, target_tokens, target_segments = [], [], [], []
+    target_rows, target_positions, target_tokens, target_segments, target_offsets = [], [], [], [], []
     num_pairs = len(pairs)
     for row, ids in enumerate(rows):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -142,6 +151,7 @@ def _collate_padded(pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_mu
         target_positions.append(torch.arange(start - 1, start - 1 + len(response), dtype=torch.long))
         target_tokens.append(torch.tensor(response, dtype=torch.long))
         target_segments.append(torch.full((len(response),), row, dtype=torch.long))
+        target_offsets.append(torch.arange(len(response), dtype=torch.long))
     return PairBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -152,6 +162,7 @@ def _collate_padded(pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_mu
         target_segments=torch.cat(target_segments),
         num_pairs=num_pairs,
         num_tokens=sum(p.num_tokens for p in pairs),
+        target_offsets=torch.cat(target_offsets),
     )
 
 
@@ -165,6 +176,8 @@ class _Unit:
     """Index (within the unit) of the hidden state that predicts each scored token."""
     targets: list[int]
     segments: list[int]
+    offsets: list[int]
+    """Index of each scored token within its response."""
     hidden_span: tuple[int, int] | None = None
     """Columns [start, end) that tokens from ``end`` on must not see: the chosen response, for rejected tokens."""
 
@@ -185,6 +198,7 @@ def _sequence_unit(prompt: list[int], response: list[int], segment: int) -> _Uni
         predictors=list(range(start - 1, start - 1 + len(response))),
         targets=list(response),
         segments=[segment] * len(response),
+        offsets=list(range(len(response))),
     )
 
 
@@ -200,6 +214,7 @@ def _prefix_shared_unit(pair: TokenizedPair, index: int, num_pairs: int) -> _Uni
                     + [prompt - 1] + list(range(rejected_start, rejected_start + rejected - 1))),
         targets=pair.chosen_ids + pair.rejected_ids,
         segments=[index] * chosen + [num_pairs + index] * rejected,
+        offsets=list(range(chosen)) + list(range(rejected)),
         hidden_span=(prompt, rejected_start),
     )
 
@@ -230,7 +245,7 @@ def _assemble(rows: list[list[_Unit]], pad_token_id: int, pad_to_multiple_of: in
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)
     allowed = torch.zeros((len(rows), 1, length, length), dtype=torch.bool)
-    target_rows, target_positions, target_tokens, target_segments = [], [], [], []
+    target_rows, target_positions, target_tokens, target_segments, target_offsets = [], [], [], [], []
     for row, units in enumerate(rows):
         offset = 0
         for unit in units:
@@ -242,6 +257,7 @@ def _assemble(rows: list[list[_Unit]], pad_token_id: int, pad_to_multiple_of: in
             target_positions.append(torch.tensor(unit.predictors, dtype=torch.long) + offset)
             target_tokens.append(torch.tensor(unit.targets, dtype=torch.long))
             target_segments.append(torch.tensor(unit.segments, dtype=torch.long))
+            target_offsets.append(torch.tensor(unit.offsets, dtype=torch.long))
             offset += size
         # Padding attends to itself and to the row's first token, and nothing attends to padding. A
         # query that may attend to nothing would make softmax NaN; one that sees only itself can go
@@ -261,6 +277,7 @@ def _assemble(rows: list[list[_Unit]], pad_token_id: int, pad_to_multiple_of: in
         num_pairs=num_pairs,
         num_tokens=num_tokens,
         layout=layout,
+        target_offsets=torch.cat(target_offsets),
     )
 
 
@@ -393,7 +410,8 @@ def head_path(model: Any) -> HeadPath:
     return HeadPath(**{name: value for name, value in values.items() if value is not None})
 
 
-def pair_logps(model: Any, batch: PairBatch, chunk_size: int = 512) -> PairLogps:
+def pair_logps(model: Any, batch: PairBatch, chunk_size: int = 512, *, ld_alpha: float | None = None,
+               wpo: bool = False) -> PairLogps:
     """Per-pair summed response log-probs, forming vocabulary logits only for scored tokens.
 
     The body runs once over all rows; the output head then runs on the scored positions alone, in
@@ -401,6 +419,13 @@ def pair_logps(model: Any, batch: PairBatch, chunk_size: int = 512) -> PairLogps
     chunk's (chunk_size x vocab) float32 logits exist at a time in forward and backward — about
     256 MB for a 128k vocabulary at 512 tokens, instead of gigabytes for full-sequence logits.
     The price is one extra head matmul per chunk in the backward pass.
+
+    Two per-token quantities of other losses are formed here, from each chunk's logits while they
+    exist: ``ld_alpha`` (LD-DPO, Liu et al. 2024, arXiv:2409.06411) weights every response token
+    past the shorter response's length by ld_alpha in the sums (tokens 0..min(|y_w|, |y_l|) - 1
+    keep weight 1); ``wpo`` also sums, without grad, log p(token) - log sum_v p(v)^2 into
+    ``chosen_aligned`` / ``rejected_aligned`` for WPO's weights (one more logsumexp over the
+    chunk's vocabulary, and a second chunk-sized temporary while it runs).
 
     The first call for a model checks, once, that this path gives the model's own numbers: on a
     16-token probe, head + ``HeadPath`` against the model's forward; and, the first time a
@@ -412,11 +437,11 @@ def pair_logps(model: Any, batch: PairBatch, chunk_size: int = 512) -> PairLogps
     if masked:
         _require_mask_kernel(decoder)
     path = _checked_head_path(model, decoder, head, batch, masked)
-    return _pair_logps(decoder, head, path, batch, chunk_size)
+    return _pair_logps(decoder, head, path, batch, chunk_size, ld_alpha, wpo)
 
 
 def _pair_logps(decoder: torch.nn.Module, head: torch.nn.Module, path: HeadPath, batch: PairBatch,
-                chunk_size: int) -> PairLogps:
+                chunk_size: int, ld_alpha: float | None = None, wpo: bool = False) -> PairLogps:
     attention_mask = batch.attention_mask
     if attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = _decoder_masks(decoder, attention_mask, batch.position_ids)
@@ -427,28 +452,51 @@ def _pair_logps(decoder: torch.nn.Module, head: torch.nn.Module, path: HeadPath,
         use_cache=False,
     ).last_hidden_state
     selected = hidden[batch.target_rows, batch.target_positions]
-    pieces = []
+    pieces, aligned_pieces = [], []
     for start in range(0, selected.shape[0], chunk_size):
         h = selected[start : start + chunk_size]
         tokens = batch.target_tokens[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(_token_logps, head, h, tokens, path, use_reentrant=False))
+            piece = checkpoint(_token_logps, head, h, tokens, path, wpo, use_reentrant=False)
         else:
-            pieces.append(_token_logps(head, h, tokens, path))
-    token_logps = torch.cat(pieces) if pieces else selected.new_zeros(0, dtype=torch.float32)
+            piece = _token_logps(head, h, tokens, path, wpo)
+        pieces.append(piece[0])
+        aligned_pieces.append(piece[1])
+    empty = selected.new_zeros(0, dtype=torch.float32)
+    token_logps = torch.cat(pieces) if pieces else empty
     segments = 2 * batch.num_pairs
-    sums = torch.zeros(segments, dtype=torch.float32, device=token_logps.device)
-    sums = sums.index_add(0, batch.target_segments, token_logps)
+    device = token_logps.device
     # index_add rather than bincount: bincount on CUDA reads its maximum back to the host (a sync).
-    counts = torch.zeros(segments, dtype=torch.long, device=token_logps.device).index_add(
+    counts = torch.zeros(segments, dtype=torch.long, device=device).index_add(
         0, batch.target_segments, torch.ones_like(batch.target_segments))
     b = batch.num_pairs
-    return PairLogps(sums[:b], sums[b:], counts[:b], counts[b:])
+    weighted = token_logps
+    if ld_alpha is not None:
+        # LD-DPO: a token at offset >= min(|y_w|, |y_l|) of its response is the "verbose" part.
+        shared = torch.minimum(counts[:b], counts[b:]).repeat(2)
+        verbose = batch.target_offsets >= shared[batch.target_segments]
+        weighted = token_logps * torch.where(verbose, ld_alpha, 1.0)
+    sums = torch.zeros(segments, dtype=torch.float32, device=device).index_add(0, batch.target_segments, weighted)
+    logps = PairLogps(sums[:b], sums[b:], counts[:b], counts[b:])
+    if wpo:
+        aligned = torch.zeros(segments, dtype=torch.float32, device=device).index_add(
+            0, batch.target_segments, torch.cat(aligned_pieces) if aligned_pieces else empty)
+        logps.chosen_aligned, logps.rejected_aligned = aligned[:b], aligned[b:]
+    return logps
 
 
-def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, path: HeadPath) -> torch.Tensor:
+def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, path: HeadPath,
+                 wpo: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(token) of each row of ``hidden``, and with ``wpo`` log p(token) - log sum_v p(v)^2 (no grad)."""
     logits = path.logits(head, hidden)
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    normaliser = torch.logsumexp(logits, dim=-1)
+    token_logps = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - normaliser
+    if not wpo:
+        return token_logps, None
+    with torch.no_grad():
+        # log sum_v p(v)^2 = logsumexp(2 * logits) - 2 * logsumexp(logits)
+        aligned = token_logps - (torch.logsumexp(2 * logits, dim=-1) - 2 * normaliser)
+    return token_logps, aligned
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,7 +733,7 @@ def _additive_mask(decoder: torch.nn.Module, allowed: torch.Tensor) -> torch.Ten
 def score_pairs(model: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, *, micro_batch_size: int,
                 layout: str = "padded", chunk_size: int = 512, pack_length: int | None = None,
                 compute_dtype: torch.dtype = torch.float32, reference: bool = False,
-                progress: Any = None) -> PairLogps:
+                progress: Any = None, ld_alpha: float | None = None, wpo: bool = False) -> PairLogps:
     """Summed response log-probs of ``pairs`` in one no-grad pass, row i for pair i.
 
     The no-grad scoring loop for whole sets of pairs (reference cache, merge verification,
@@ -696,7 +744,7 @@ def score_pairs(model: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, *
     ``reference=True`` scores the reference model instead (``modeling.reference_model``: the
     trained adapter switched off, or the frozen init adapter on), which needs a peft model.
     ``progress``, a callable or None, is called after each micro-batch with the number of pairs it
-    scored (e.g. a tqdm bar's ``update``).
+    scored (e.g. a tqdm bar's ``update``). ``ld_alpha`` and ``wpo`` as in ``pair_logps``.
 
     The rows stay on the model's device (float32 sums, int64 token counts), written without a
     host sync per micro-batch. It scores this process's ``pairs`` only and does not reduce across
@@ -717,6 +765,8 @@ def score_pairs(model: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, *
     rejected = torch.zeros(count, dtype=torch.float32, device=device)
     chosen_tokens = torch.zeros(count, dtype=torch.long, device=device)
     rejected_tokens = torch.zeros(count, dtype=torch.long, device=device)
+    aligned = (torch.zeros(count, dtype=torch.float32, device=device),
+               torch.zeros(count, dtype=torch.float32, device=device)) if wpo else (None, None)
     order = sorted(range(count), key=lambda i: layout_length(pairs[i], layout), reverse=True)
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -727,15 +777,18 @@ def score_pairs(model: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, *
                 indices = order[start : start + micro_batch_size]
                 batch = collate([pairs[i] for i in indices], pad_token_id, layout=layout,
                                 pack_length=pack_length).to(device)
-                logps = pair_logps(model, batch, chunk_size)
+                logps = pair_logps(model, batch, chunk_size, ld_alpha=ld_alpha, wpo=wpo)
                 rows = torch.tensor(indices, dtype=torch.long).to(device, non_blocking=True)
                 chosen.index_copy_(0, rows, logps.chosen.float())
                 rejected.index_copy_(0, rows, logps.rejected.float())
                 chosen_tokens.index_copy_(0, rows, logps.chosen_tokens)
                 rejected_tokens.index_copy_(0, rows, logps.rejected_tokens)
+                if wpo:
+                    aligned[0].index_copy_(0, rows, logps.chosen_aligned)
+                    aligned[1].index_copy_(0, rows, logps.rejected_aligned)
                 if progress is not None:
                     progress(len(indices))
     finally:
         for module, training in modes:
             module.training = training
-    return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens)
+    return PairLogps(chosen, rejected, chosen_tokens, rejected_tokens, *aligned)

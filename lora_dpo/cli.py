@@ -7,6 +7,7 @@ traceback instead.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -33,11 +34,16 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-dpo", description="DPO training of 4-bit LoRA adapters on one GPU.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every command's help shows its defaults: they differ between commands (--device is cpu for
+    # merge, auto for generate), so a user should not have to read the docs to know them.
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=functools.partial(argparse.ArgumentParser,
+                                                                    formatter_class=DefaultsHelpFormatter))
 
     def add_run_args(sub: argparse.ArgumentParser, config_required: bool = True) -> None:
         sub.add_argument("config", nargs=None if config_required else "?", help="YAML config file")
-        sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.learning_rate=1e-4")
+        # default=[]: without it argparse lists key=value among the required arguments
+        sub.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides, e.g. train.learning_rate=1e-4")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing run in output.dir")
         sub.add_argument("--resume", action="store_true",
                          help="continue from the newest complete checkpoint in output.dir (same as train.resume=always)")
@@ -47,9 +53,23 @@ def _parser() -> argparse.ArgumentParser:
     add_run_args(commands.add_parser("train", help="train a LoRA adapter with DPO"))
     add_run_args(commands.add_parser("demo", help="build the tiny offline demo model if missing, then train it"),
                  config_required=False)
+    sweep = commands.add_parser("sweep", help="train several settings in one process and rank them (docs/sweep.md)",
+                                formatter_class=DefaultsHelpFormatter)
+    sweep.add_argument("config", help="YAML config file")
+    sweep.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="fixed overrides (key=value), grid axes (key=a,b,c) or, with --search optuna, ranges "
+                       "(key=lo:hi or key=lo:hi:log)")
+    sweep.add_argument("--search", choices=["grid", "optuna"], default="grid",
+                       help="every combination of the comma lists, or Optuna's TPE sampler with median pruning")
+    sweep.add_argument("--trials", type=int, help="trials to run with --search optuna (default 20)")
+    sweep.add_argument("--metric", choices=["win_rate", "loss", "margin", "accuracy"],
+                       help="what ranks the trials (default: win_rate when the eval has a judge, else held-out loss)")
+    sweep.add_argument("--overwrite", action="store_true", help="replace the sweep (and trials) in output.dir")
+    sweep.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    sweep.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     show = commands.add_parser("config", help="print the resolved config, or the reference of all keys")
     show.add_argument("config", nargs="?", help="YAML config file")
-    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
     show.add_argument("--reference", action="store_true", help="print every key with its type, default and meaning (Markdown)")
     show.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
@@ -79,8 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     merge.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
-    generate = commands.add_parser("generate", help="sample from a model, or from base + adapter (docs/merge.md)",
-                                   formatter_class=DefaultsHelpFormatter)
+    generate = commands.add_parser("generate", help="sample from a model, or from base + adapter (docs/merge.md)")
     generate.add_argument("model", help="adapter directory (runs base + adapter), merged model directory, or any model")
     generate.add_argument("--base", help="base model for an adapter directory (default: the one it names)")
     generate.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -109,6 +128,30 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", help="also write the answers to this .jsonl file")
     generate.add_argument("--no-progress", action="store_true", help="no progress bar")
     generate.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    evaluate = commands.add_parser("eval", help="reference vs policy of a finished run: preference metrics, KL, "
+                                   "lengths, win rate (docs/evaluate.md)", formatter_class=DefaultsHelpFormatter)
+    evaluate.add_argument("run_dir", help="a finished training run (its output.dir)")
+    evaluate.add_argument("--data", help="preference pairs to evaluate on (default: the run's held-out pairs)")
+    evaluate.add_argument("--judge", help="reward model directory or hub id, or module:function / file.py:function "
+                          "scoring (prompt, answer) (default: the run's eval.judge; none: no win rate)")
+    evaluate.add_argument("--judge-4bit", action="store_true", help="load a reward-model judge in 4-bit")
+    evaluate.add_argument("--prompts", type=int, help="held-out prompts to answer (default: the run's eval.prompts)")
+    evaluate.add_argument("--samples", type=int, help="answers per prompt from each model (default: eval.samples)")
+    evaluate.add_argument("--max-new-tokens", type=int, help="longest answer (default: eval.max_new_tokens)")
+    evaluate.add_argument("--temperature", type=float, help="sampling temperature (default: eval.temperature)")
+    evaluate.add_argument("--top-p", type=float, help="nucleus sampling; 1 disables it (default: eval.top_p)")
+    evaluate.add_argument("--top-k", type=int, help="top-k sampling; 0 disables it (default: eval.top_k)")
+    evaluate.add_argument("--seed", type=int, help="sampling seed (default: eval.seed)")
+    evaluate.add_argument("--batch-size", type=int, help="sequences generated and judged together (default: eval.batch_size)")
+    evaluate.add_argument("--out", help="directory for eval.json and samples.jsonl (default: RUN_DIR/eval)")
+    evaluate.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="where to run the models")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    from .collect import add_collect_parser
+
+    add_collect_parser(commands, DefaultsHelpFormatter)
     return parser
 
 
@@ -171,25 +214,41 @@ def _run(args: argparse.Namespace) -> int:
 
         _quiet_libraries()
         return run_merge_command(args)
+    if args.command == "sweep":
+        from .sweep import run_sweep_command
+
+        _quiet_libraries()
+        return run_sweep_command(args)
     if args.command == "generate":
         from .generate import run_generate_command
 
         _quiet_libraries()
         return run_generate_command(args)
+    if args.command == "collect":
+        from .collect import run_collect_command
 
-    if args.command == "demo" and (args.config is None or ("=" in args.config and not Path(args.config).exists())):
+        _quiet_libraries()
+        return run_collect_command(args)
+    if args.command == "eval":
+        from .evaluation import run_eval_command
+
+        _quiet_libraries()
+        return run_eval_command(args)
+
+    shipped_demo = args.command == "demo" and (args.config is None or ("=" in args.config and not Path(args.config).exists()))
+    if shipped_demo:
         if args.config is not None:  # `lora-dpo demo key=value`: the first word is an override
             args.overrides.insert(0, args.config)
         args.config = str(REPO_CONFIGS / "demo.yaml")
     config = load_config(args.config, args.overrides)
     _quiet_libraries()
     if args.command == "demo":
-        from .demo import build_demo_base
+        replacing = _prepare_demo(config, shipped_demo)
+        from .collect import collect_demo_pairs
 
-        base = Path(config.model.name_or_path)
-        if not (base / "config.json").is_file():
-            logging.info("building the tiny demo model in %s (a few seconds of pre-training)", base)
-            build_demo_base(base, pretrain_steps=DEMO_PRETRAIN_STEPS)
+        # the user's --overwrite collects again; replacing the demo's earlier run reuses its pairs
+        config = collect_demo_pairs(config, overwrite=args.overwrite, progress=not args.no_progress)
+        args.overwrite = replacing or args.overwrite
     from .train import train
 
     if args.resume:
@@ -198,6 +257,7 @@ def _run(args: argparse.Namespace) -> int:
     for line in summary.lines():
         print(line)
     if args.command == "demo":
+        _print_demo_win_rate(Path(config.output.dir))
         print("\nThe base model, pre-trained on kind and rude answers alike, picks either at random; the tuned "
               "one should answer kindly (owls and snow are topics absent from training):")
         words = ["generate", config.output.dir, "--compare", "--max-new-tokens", "60", "--seed", "2"]
@@ -205,6 +265,58 @@ def _run(args: argparse.Namespace) -> int:
             words += ["--prompt", prompt]
         return _run(_parser().parse_args(words))
     return 0
+
+
+def _prepare_demo(config, shipped: bool) -> bool:
+    """Everything the demo does before training, cheapest check first: find its data (the
+    repository's copy when run from another directory), read it, build the tiny base model when
+    missing. Returns True when output.dir holds the demo's own earlier run, which it replaces."""
+    import time
+
+    from .data import read_preference_examples
+    from .demo import build_demo_base
+    from .train import RUN_MARKER
+
+    if shipped:
+        for name in ("train_file", "eval_file"):
+            value = getattr(config.data, name)
+            if value and not Path(value).is_absolute() and not Path(value).exists() and (REPO_CONFIGS.parent / value).exists():
+                setattr(config.data, name, str(REPO_CONFIGS.parent / value))
+    read_preference_examples(config.data, config.train.seed)  # a missing or bad file fails before pre-training
+    base = Path(config.model.name_or_path)
+    if not (base / "config.json").is_file():
+        logging.info("building the tiny demo model in %s: %d steps of pre-training, about 20-45 s on two CPU cores "
+                     "(once: later demos reuse it)", base, DEMO_PRETRAIN_STEPS)
+        started = time.perf_counter()
+        build_demo_base(base, pretrain_steps=DEMO_PRETRAIN_STEPS)
+        logging.info("pre-trained the demo model in %.0f s", time.perf_counter() - started)
+    out = Path(config.output.dir)
+    if not (out / RUN_MARKER).is_file() or not (out / "config.yaml").is_file():
+        return False
+    from .config import load_config
+
+    try:
+        earlier = load_config(out / "config.yaml").model.name_or_path
+    except LoraDpoError:
+        return False
+    if Path(earlier).resolve() != base.resolve():
+        return False  # a run of something else: train's own check refuses to touch it
+    logging.info("replacing the demo's earlier run in %s (only the files that run wrote)", out)
+    return True
+
+
+def _print_demo_win_rate(out: Path) -> None:
+    import json
+
+    path = out / "eval" / "eval.json"
+    if not path.is_file():
+        return  # eval.after_training switched off
+    result = json.loads(path.read_text(encoding="utf-8"))
+    wins = result["win_rate"]
+    if wins is not None:
+        print(f"\nwin rate of the tuned demo model over its base on {result['prompts']} unseen prompts x "
+              f"{result['samples_per_prompt']} answers, judged by {result['judge']}: {wins['win_rate']:.2f} "
+              f"(95% CI {wins['ci95'][0]:.2f}-{wins['ci95'][1]:.2f}); details in {path}")
 
 
 def _quiet_libraries() -> None:

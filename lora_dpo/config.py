@@ -95,18 +95,28 @@ class DataConfig:
     """Fill micro-batches with pairs of similar length (less padding); batch order stays shuffled."""
 
 
-LossName = Literal["sigmoid", "ipo", "hinge", "robust", "rpo", "simpo", "orpo"]
+LossName = Literal["sigmoid", "ipo", "hinge", "robust", "rpo", "simpo", "orpo", "sigmoid_norm", "exo_pair",
+                   "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop"]
 
 # The dpo.* hyper-parameters that belong to one loss (or a few), and the losses that read them.
 # Config.validate rejects one set for a loss that is not selected: a silently ignored
 # rpo_alpha is a run the user did not mean to do. beta is shared by every loss.
 LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "label_smoothing": ("sigmoid", "rpo"),
+    "label_smoothing": ("sigmoid", "rpo", "exo_pair", "aot", "aot_unpaired"),
     "robust_epsilon": ("robust",),
     "rpo_alpha": ("rpo",),
     "simpo_gamma": ("simpo",),
     "orpo_lambda": ("orpo",),
+    "discopop_tau": ("discopop",),
 }
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The losses built on the difference of the chosen and rejected scores, the only ones an
+# f-divergence generalises (f-DPO's reparameterisation leaves a beta * log Z(x) term that cancels
+# only in that difference); nll reads no reference, so it is unaffected.
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "rpo", "nll")
+# Losses that sort the pairs of a micro-batch, so a per-pair weight (WPO) would meet another pair's loss.
+SORTING_LOSSES = ("aot", "aot_unpaired")
 
 
 @dataclass
@@ -120,13 +130,13 @@ class LossTerm:
 @dataclass
 class DPOSettings:
     loss: Literal[LossName, "weighted_sum"] = "sigmoid"
-    """Preference loss: sigmoid (DPO), ipo, hinge, robust, rpo, simpo, orpo, or weighted_sum of dpo.losses (see docs/losses.md)."""
+    """Preference loss: sigmoid (DPO), ipo, hinge, robust, rpo, simpo, orpo, TRL's other losses (sigmoid_norm, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop), or weighted_sum of dpo.losses (see docs/losses.md)."""
     losses: list[LossTerm] = field(default_factory=list)
     """With loss weighted_sum: the terms, e.g. [{name: sigmoid, weight: 1.0}, {name: nll, weight: 0.2}]."""
     beta: float = 0.1
     """Loss temperature: KL strength towards the reference (smaller drifts further); SimPO's reward scale (use 2-2.5)."""
     label_smoothing: float = 0.0
-    """sigmoid/rpo: assumed share of flipped preference labels (conservative DPO); 0 is plain DPO, must be below 0.5."""
+    """sigmoid/rpo/aot/aot_unpaired: assumed share of flipped preference labels (conservative DPO), below 0.5; exo_pair (required there, the paper uses 1e-3): EXO's eps."""
     robust_epsilon: Optional[float] = None
     """robust (required): assumed share of flipped preference labels, in [0, 0.5); the loss stays unbiased under it."""
     rpo_alpha: Optional[float] = None
@@ -135,6 +145,16 @@ class DPOSettings:
     """simpo: target reward margin gamma; null means 0.5."""
     orpo_lambda: Optional[float] = None
     """orpo: weight of the odds-ratio term added to the chosen response's NLL; null means 0.1."""
+    discopop_tau: Optional[float] = None
+    """discopop: temperature of the blend between its logistic and exponential parts; null means 0.05 (the paper's)."""
+    f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    """f-DPO: the divergence from the reference that sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop and rpo regularise with; reverse_kl is DPO's."""
+    f_divergence_alpha: Optional[float] = None
+    """alpha of f_divergence alpha_divergence; null means 0.5."""
+    wpo_weighting: bool = False
+    """WPO (TRL's use_weighting): weight each pair by how likely the policy is to produce both responses, to make off-policy pairs count less."""
+    ld_alpha: Optional[float] = None
+    """LD-DPO: weight in [0, 1] of the response tokens past the shorter response's length in every log-prob (null: 1, no down-weighting); counters DPO's preference for length."""
     logps_chunk_size: int = 512
     """Response tokens whose vocabulary logits are formed at once: lower it to save memory on large vocabularies."""
     precompute_reference: bool = False
@@ -155,8 +175,8 @@ class TrainConfig:
     """Passes over the training pairs (fractions allowed); ignored when max_steps is set."""
     max_steps: Optional[int] = None
     """Optimizer steps to run; null derives them from epochs."""
-    learning_rate: float = 5e-5
-    """Peak learning rate of the LoRA weights."""
+    learning_rate: float = 5e-6
+    """Peak learning rate of the LoRA weights; 5e-6 as in published QLoRA DPO recipes (docs/first-run.md)."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     """Learning-rate decay after warm-up."""
     warmup_ratio: float = 0.1
@@ -192,6 +212,32 @@ class OutputConfig:
 
 
 @dataclass
+class EvalConfig:
+    after_training: bool = False
+    """Run the evaluation of `lora-dpo eval` on the finished run at the end of `lora-dpo train` (writes output.dir/eval/)."""
+    judge: Optional[str] = None
+    """Judge of the win rate: a reward model directory or hub id, or module:function / file.py:function scoring (prompt, answer); null: no win rate."""
+    judge_4bit: bool = False
+    """Load a reward-model judge in 4-bit NF4 (about a quarter of its 16-bit memory)."""
+    prompts: int = 32
+    """Held-out prompts answered by the reference and the policy (the first distinct ones of the held-out pairs)."""
+    samples: int = 2
+    """Answers per prompt from each model, the same seeds for both."""
+    max_new_tokens: int = 256
+    """Longest answer, in tokens; answers cut here count in their length and KL as they are."""
+    temperature: float = 1.0
+    """Sampling temperature; 1 with top_p 1 and top_k 0 samples the models themselves, which the KL estimate assumes."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1 disables it."""
+    top_k: int = 0
+    """Top-k sampling; 0 disables it."""
+    seed: int = 0
+    """Sampling seed; answer j to prompt i has its own stream from (seed, i, j)."""
+    batch_size: int = 8
+    """Sequences generated (and judged) together; more is faster and needs more memory."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model and how it is loaded."""
@@ -205,6 +251,8 @@ class Config:
     """The optimisation loop."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where results go."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The evaluation after training (the settings of `lora-dpo eval`)."""
 
     def validate(self) -> None:
         """Cross-field and range checks that types alone cannot express."""
@@ -226,6 +274,10 @@ class Config:
             (self.dpo.rpo_alpha is None or self.dpo.rpo_alpha > 0, "dpo.rpo_alpha", "must be positive"),
             (self.dpo.simpo_gamma is None or self.dpo.simpo_gamma >= 0, "dpo.simpo_gamma", "must be >= 0"),
             (self.dpo.orpo_lambda is None or self.dpo.orpo_lambda > 0, "dpo.orpo_lambda", "must be positive"),
+            (self.dpo.discopop_tau is None or self.dpo.discopop_tau > 0, "dpo.discopop_tau", "must be positive"),
+            (self.dpo.f_divergence_alpha is None or self.dpo.f_divergence_alpha > 0, "dpo.f_divergence_alpha",
+             "must be positive"),
+            (self.dpo.ld_alpha is None or 0 <= self.dpo.ld_alpha <= 1, "dpo.ld_alpha", "must be in [0, 1] or null"),
             (self.dpo.logps_chunk_size > 0, "dpo.logps_chunk_size", "must be positive"),
             (self.data.pack_length is None or self.data.pack_length > 0, "data.pack_length", "must be positive or null"),
             (self.data.layout == "padded" or self.model.attn_implementation != "flash_attention_2", "data.layout",
@@ -248,6 +300,16 @@ class Config:
             (self.train.keep_last > 0, "train.keep_last", "must be positive"),
             (self.train.max_bad_steps > 0, "train.max_bad_steps", "must be positive"),
             (bool(self.output.dir), "output.dir", "is required"),
+            (self.eval.prompts > 0, "eval.prompts", "must be positive"),
+            (self.eval.samples > 0, "eval.samples", "must be positive"),
+            (self.eval.samples == 1 or self.eval.temperature > 0, "eval.samples",
+             "must be 1 with eval.temperature=0 (greedy decoding gives the same answer every time)"),
+            (self.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be positive"),
+            (self.eval.temperature >= 0, "eval.temperature", "must be >= 0 (0 decodes greedily)"),
+            (0 < self.eval.top_p <= 1, "eval.top_p", "must be in (0, 1]"),
+            (self.eval.top_k >= 0, "eval.top_k", "must be >= 0 (0 disables it)"),
+            (self.eval.batch_size > 0, "eval.batch_size", "must be positive"),
+            (self.eval.judge is None or bool(self.eval.judge.strip()), "eval.judge", "must be null or name a judge"),
         ]
         for ok, key, message in checks:
             if not ok:
@@ -302,6 +364,29 @@ class Config:
         if "robust" in selected and dpo.robust_epsilon is None:
             raise ConfigError("dpo.robust_epsilon is required by the robust loss. Fix: set it to the share of "
                               "preference labels you expect to be flipped, e.g. dpo.robust_epsilon=0.1", key="dpo.robust_epsilon")
+        if "exo_pair" in selected and dpo.label_smoothing == 0:
+            raise ConfigError("dpo.label_smoothing must be above 0 for the exo_pair loss (its eps enters as log eps). "
+                              "Fix: set dpo.label_smoothing=0.001, the EXO paper's value", key="dpo.label_smoothing")
+        if dpo.f_divergence != "reverse_kl":
+            other = sorted(selected - set(F_DIVERGENCE_LOSSES))
+            if other:
+                raise ConfigError(f"dpo.f_divergence={dpo.f_divergence} does not apply to {', '.join(other)} (only the "
+                                  f"losses on the chosen-rejected score difference have an f-divergence form: "
+                                  f"{', '.join(F_DIVERGENCE_LOSSES[:-1])}). Fix: set dpo.f_divergence=reverse_kl, "
+                                  "or select one of those", key="dpo.f_divergence")
+        if dpo.f_divergence_alpha is not None and dpo.f_divergence != "alpha_divergence":
+            raise ConfigError(f"dpo.f_divergence_alpha is only read with dpo.f_divergence=alpha_divergence (got "
+                              f"{dpo.f_divergence}). Fix: remove dpo.f_divergence_alpha, or set "
+                              "dpo.f_divergence=alpha_divergence", key="dpo.f_divergence_alpha")
+        sorting = sorted(selected.intersection(SORTING_LOSSES))
+        if dpo.wpo_weighting and sorting:
+            raise ConfigError(f"dpo.wpo_weighting cannot weight {', '.join(sorting)}: it sorts the pairs of a micro-batch, "
+                              "so a pair's weight would meet another pair's loss. Fix: set dpo.wpo_weighting=false, or "
+                              "select another loss", key="dpo.wpo_weighting")
+        if dpo.ld_alpha is not None and dpo.precompute_reference:
+            raise ConfigError("dpo.ld_alpha and dpo.precompute_reference cannot be combined: the precomputed table holds "
+                              "whole-response log-probs, not the length-weighted ones LD-DPO compares. Fix: set "
+                              "dpo.precompute_reference=false, or remove dpo.ld_alpha", key="dpo.ld_alpha")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

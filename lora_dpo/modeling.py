@@ -77,6 +77,11 @@ def _not_found(name: str, what: str, exc: Exception,
                fix: str = "point at a model directory saved with save_pretrained") -> str:
     if Path(name).exists():
         return f"{name}: cannot load the {what} from this directory ({one_line(exc)}). Fix: {fix}"
+    text = str(exc).lower()
+    if "gated" in text or "401" in text or "restricted" in text:
+        # transformers raises these as plain OSErrors; the fix is an account step, not a path
+        return (f"{name}: the {what} is in a gated hub repository and this machine is not allowed to read it. "
+                f"Fix: accept the model's licence on its hub page, then log in with `hf auth login` (or set HF_TOKEN)")
     return (f"{name}: cannot load the {what}: not a local directory, and the hub copy could not be read "
             f"({type(exc).__name__}). Fix: check the name, your network or HF_HUB_OFFLINE, or download the model first")
 
@@ -430,7 +435,8 @@ class InferenceModel:
 
 
 def load_inference_model(model_path: str | None, adapter: str | None = None, *, device: str | torch.device = "auto",
-                         dtype: str | torch.dtype = "auto", attn_implementation: str | None = None) -> InferenceModel:
+                         dtype: str | torch.dtype = "auto", attn_implementation: str | None = None,
+                         four_bit: bool = False) -> InferenceModel:
     """A model (a base or a merged model) or a base + adapter, loaded for inference as it was trained.
 
     With ``adapter`` (a training run's output.dir, one of its checkpoints, or any peft LoRA
@@ -442,6 +448,8 @@ def load_inference_model(model_path: str | None, adapter: str | None = None, *, 
     The tokenizer is the one training used (the run directory's copy, else the base's); it is
     loaded first, so a wrong path fails in seconds rather than after minutes of loading.
     ``attn_implementation`` None is transformers' default kernel (sdpa), which any device runs.
+    ``four_bit`` loads a plain model in 4-bit NF4 (computing in ``dtype``, "auto": bfloat16 or
+    float16 on a GPU, float32 on CPU); an adapter's base is loaded as its run says instead.
     """
     target = device if isinstance(device, torch.device) else resolve_device(device, "--device")
     chosen = DTYPES[dtype] if isinstance(dtype, str) and dtype != "auto" else dtype
@@ -460,7 +468,9 @@ def load_inference_model(model_path: str | None, adapter: str | None = None, *, 
         raise ValueError("load_inference_model needs a model path, an adapter directory, or both")
     check_finished_run(Path(model_path))  # an interrupted training run: name its checkpoint, not "a model directory"
     fix = "point at a model directory, a merged model, or an adapter directory"
-    plain = ModelConfig(name_or_path=model_path, load_in_4bit=False)
+    plain = ModelConfig(name_or_path=model_path, load_in_4bit=four_bit)
     tokenizer = load_tokenizer(plain, fix)
+    if four_bit and chosen == "auto":
+        chosen = resolve_compute_dtype(plain, target)
     model = load_base(plain, target, chosen, attn_implementation=attn_implementation, fix=fix)
-    return InferenceModel(model, tokenizer, target, False, model_path)
+    return InferenceModel(model, tokenizer, target, False, f"4-bit {model_path}" if four_bit else model_path)

@@ -259,11 +259,13 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
              "train.lr_scheduler", "train.warmup_ratio", "train.warmup_steps"),
     **_rules("applied", "the update", "train.weight_decay", "train.max_grad_norm"),
     **_rules("applied", "the loss", "dpo.loss", "dpo.losses", "dpo.beta", "dpo.label_smoothing", "dpo.robust_epsilon",
-             "dpo.rpo_alpha", "dpo.simpo_gamma", "dpo.orpo_lambda"),
+             "dpo.rpo_alpha", "dpo.simpo_gamma", "dpo.orpo_lambda", "dpo.discopop_tau", "dpo.f_divergence",
+             "dpo.f_divergence_alpha", "dpo.wpo_weighting", "dpo.ld_alpha"),
     **_rules("applied", "the rounding of every computation", "model.compute_dtype"),
     **_rules("applied", "the batches of the next epochs", "data.group_by_length"),
     **_rules("applied", "what the run writes and when it stops", "train.eval_every", "train.save_every",
              "train.log_every", "train.keep_last", "train.max_bad_steps"),
+    **_rules("applied", "the evaluation after training", "eval.*"),
     # speed: applied, and the numbers stay the same up to rounding.
     **_rules("speed", "speed and memory only", "model.gradient_checkpointing", "model.checkpoint_layers",
              "model.compile", "model.attn_implementation", "model.device", "data.layout", "data.pack_length",
@@ -506,10 +508,12 @@ class Run:
 
 
 def train(config: Config, overwrite: bool = False, progress: bool | None = None, *, model: Any = None,
-          tokenizer: Any = None, data: PreferenceData | None = None) -> RunSummary:
+          tokenizer: Any = None, data: PreferenceData | None = None,
+          on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> RunSummary:
     """Train a LoRA adapter with DPO as ``config`` says; returns what the run achieved.
 
-    ``model``, ``tokenizer`` and ``data`` are pieces a caller already built (see ``setup_run``).
+    ``model``, ``tokenizer`` and ``data`` are pieces a caller already built (see ``setup_run``);
+    ``on_evaluation`` sees every held-out metrics row (a sweep's pruning, see ``run_loop``).
     With train.resume=auto, a run that already finished with these settings is not trained again:
     its summary comes back with ``already_finished`` set.
     """
@@ -518,8 +522,28 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None,
         return done
     with _compile_errors_as_one_line(config):
         run = setup_run(config, overwrite, model=model, tokenizer=tokenizer, data=data)
-        run_loop(run, progress)
-        return finish_run(run)
+        run_loop(run, progress, on_evaluation)
+        summary = finish_run(run)
+    if config.eval.after_training:
+        del run  # the training copy of the model: the evaluation loads the finished run as inference does
+        evaluate_finished_run(summary, config, progress)
+    return summary
+
+
+def evaluate_finished_run(summary: RunSummary, config: Config, progress: bool | None) -> None:
+    """``lora-dpo eval`` on the run just finished (eval.after_training); the table goes to the log.
+    A failure here leaves the finished run as it is, and says how to evaluate it again."""
+    from .evaluation import evaluate_run
+
+    if not config.data.eval_file and config.data.eval_fraction == 0:
+        log.warning("eval.after_training: the run held out no pairs (data.eval_fraction=0, no data.eval_file), so "
+                    "there is nothing to evaluate on; run lora-dpo eval %s --data FILE", summary.output_dir)
+        return
+    try:
+        evaluate_run(summary.output_dir, config.eval, device=config.model.device, progress=progress, show=log.info)
+    except LoraDpoError as exc:
+        raise LoraDpoError(f"the run finished and is saved in {summary.output_dir}, but its evaluation failed: {exc} "
+                           f"(then: lora-dpo eval {summary.output_dir})") from exc
 
 
 @contextlib.contextmanager
@@ -571,8 +595,9 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
         _check_resume_progress(resume_from, saved_state, config, len(data.train))
     if model is None:
         model = load_model(config, device)
-    else:
-        fresh_adapter(model, config)
+    # Also on a model just loaded: loading draws from the RNG, so only adapter weights drawn after a
+    # reseed make a sweep's trial on a loaded base start exactly where a lone run of it starts.
+    fresh_adapter(model, config)
     # Anything that picks settings by trying the model (a micro-batch size that fits) runs here:
     # the model and data exist, and nothing below has counted in micro-batches yet.
     if config.train.micro_batch_size == "auto":
@@ -605,9 +630,9 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
 
 
 def fresh_adapter(model: Any, config: Config) -> None:
-    """Give an already loaded model new adapter weights, as ``load_model`` would: LoRA's own
-    initialisation (A from the seeded RNG, B zero), or the weights of ``model.init_adapter``.
-    This is what lets one loaded 4-bit base serve many trials."""
+    """Give a loaded model new adapter weights: LoRA's own initialisation (A drawn from the RNG
+    reseeded with train.seed, B zero), or the weights of ``model.init_adapter``. This is what lets
+    one loaded 4-bit base serve many trials, each as a run of its own would start."""
     from peft.tuners.lora import LoraLayer
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
@@ -623,6 +648,7 @@ def fresh_adapter(model: Any, config: Config) -> None:
     if wanted != loaded:
         raise LoraDpoError(f"the model passed in has an adapter with {loaded}, the config asks for {wanted}. "
                            "Fix: load it with modeling.load_model under this config")
+    torch.manual_seed(config.train.seed)
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.reset_lora_parameters(TRAINED_ADAPTER, settings.init_lora_weights)
@@ -668,10 +694,13 @@ def _open_output(out: Path, resume_from: Path | None, model: Any, optimizer: tor
             "last_eval": None, "resumes": []}
 
 
-def run_loop(run: Run, progress: bool | None = None) -> None:
+def run_loop(run: Run, progress: bool | None = None,
+             on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> None:
     """The optimizer steps from ``run.start_step`` to ``run.total_steps``; after each: log, check
     for runs of bad steps, evaluate and save on schedule. SIGINT/SIGTERM end it with a checkpoint.
-    Work due every N steps (evaluation, and anything else periodic) goes beside the evaluation."""
+    Work due every N steps (evaluation, and anything else periodic) goes beside the evaluation.
+    ``on_evaluation`` gets each evaluation's row once it is logged; an exception it raises (a
+    sweep pruning the trial) ends the run there, without a checkpoint."""
     config, total = run.config, run.total_steps
     bar = _progress_bar(total, progress, initial=run.start_step)
     stop = _StopRequest()
@@ -695,6 +724,8 @@ def run_loop(run: Run, progress: bool | None = None) -> None:
                 row = evaluation_row(run, step)
                 bar.write(f"eval step {step}: loss {row['loss']:.4f} accuracy {row['rewards/accuracy']:.3f} "
                           f"margin {row['rewards/margins']:.3f}")
+                if on_evaluation is not None:
+                    on_evaluation(row)
             save_now = config.train.save_every and step % config.train.save_every == 0
             if (save_now or stop.requested) and not last:
                 saved = save_checkpoint(run, step)
@@ -754,7 +785,8 @@ def evaluate(run: Run) -> dict[str, float]:
                    chunk_size=config.dpo.logps_chunk_size, pack_length=config.data.pack_length,
                    compute_dtype=resolve_compute_dtype(config.model, run.device))
     pad_id = run.tokenizer.pad_token_id
-    policy = score_pairs(run.model, pairs, pad_id, **scoring)
+    scoring["ld_alpha"] = config.dpo.ld_alpha
+    policy = score_pairs(run.model, pairs, pad_id, wpo=config.dpo.wpo_weighting, **scoring)
     reference = None
     if run.reference_tables["eval"] is not None:
         reference = run.reference_tables["eval"].lookup(range(len(pairs)), run.device)
@@ -830,7 +862,7 @@ class DpoStep:
                 reference_table: ReferenceTable | None) -> tuple[PreferenceLoss, PairLogps, int]:
         """Loss terms and policy log-probs of the pairs at ``indices``, and their throughput token count."""
         config, model = self.config, self.model
-        chunk = config.dpo.logps_chunk_size
+        chunk, ld_alpha = config.dpo.logps_chunk_size, config.dpo.ld_alpha
         batch = collate([pairs[i] for i in indices], self.pad_id, layout=config.data.layout,
                         pack_length=config.data.pack_length).to(self.device)
         self.phase("collate")
@@ -844,11 +876,11 @@ class DpoStep:
             # pass that keeps no activations anyway.
             model.eval()
             with torch.no_grad(), reference_model(model), self.autocast:
-                reference = pair_logps(model, batch, chunk)
+                reference = pair_logps(model, batch, chunk, ld_alpha=ld_alpha)
             model.train(was_training)
             self.phase("reference")
         with self.autocast:
-            policy = pair_logps(model, batch, chunk)
+            policy = pair_logps(model, batch, chunk, ld_alpha=ld_alpha, wpo=config.dpo.wpo_weighting)
         result = preference_loss(config.dpo, policy, reference)
         self.phase("policy")
         return result, policy, batch.num_tokens

@@ -8,8 +8,9 @@
 # lora-dpo against TRL on the 8B shape, both reference modes, then the layouts' bf16 agreement,
 # the per-part breakdown and one profile; `8b-long`, 8B long rows, lora-dpo and TRL, under an
 # allocator cap equivalent to an 8 GiB card. More stages run when STAGES names them
-# (STAGES="8b 8b-long 8b-partial", or STAGES=all); SKIP="..." leaves stages out. `plan`
-# (scripts/plan_check.py) checks the memory planner and emulates small cards.
+# (STAGES="8b 8b-long 8b-partial", or STAGES=all); SKIP="..." leaves stages out. `collect` measures
+# `lora-dpo collect rank` (prompts/s, scripts/bench_collect.py); `plan` (scripts/plan_check.py)
+# checks the memory planner and emulates small cards; neither is a default stage.
 #
 # Time: every stage has a limit (LIMIT_<NAME>, e.g. LIMIT_8B_LONG) and a least time left to
 # start (8B stages: 90 s, for imports and the 4-bit load); the whole run ends within BUDGET
@@ -27,7 +28,7 @@
 # PLAN=1 prints the stages that would run (name, limit, least time to start) and runs nothing.
 # PYTHON names the interpreter (default python3).
 set -u
-known="8b 8b-long 8b-partial 8b-compile 1b plan"
+known="8b 8b-long 8b-partial 8b-compile 1b collect plan"
 stages=${STAGES:-8b 8b-long}
 [[ $stages == all ]] && stages=$known
 for name in $stages ${SKIP:-}; do
@@ -148,6 +149,11 @@ bench_stage 8b-partial "${LIMIT_8B_PARTIAL:-90}" 90 --shape 8b --steps 6 --warmu
 bench_stage 8b-compile "${LIMIT_8B_COMPILE:-240}" 90 --shape 8b --steps 6 --warmup 3 --skip-trl --compile \
   --layouts packed_prefix_shared
 bench_stage 1b "${LIMIT_1B:-120}" 60 --shape 1b --steps 8 --warmup 2 --check-layouts
+# Collection speed: a random 1B generator, 4 answers of 128 tokens to each of 64 prompts, scored by
+# a small random reward model (the model the 1b stage built is reused). Later flags win in argparse.
+collect_flags=(--model shape --shape 1b --reward model --prompts 64 -n 4 --max-new-tokens 128 --batch-size 64 --device cuda)
+[[ -n ${SMOKE:-} ]] && collect_flags+=(--shape tiny --prompts 4 --max-new-tokens 8 --batch-size 8 --device cpu)
+stage collect "${LIMIT_COLLECT:-150}" 60 "$python" scripts/bench_collect.py "${collect_flags[@]}" --json "$scratch/collect.json"
 # The memory planner's prediction beside the measured peak (1B, 8B; three lengths; both reference
 # modes), then 8/12/16/24 GiB cards emulated, with the micro-batch auto picks trained under each.
 plan_flags=(--shapes 1b,8b --lengths 512,1024,2048 --caps 8,12,16,24)

@@ -37,11 +37,18 @@ def test_demo_reaches_its_held_out_accuracy(tmp_path, capsys):
     rude = [phrase.split("{")[0].strip() for phrase in RUDE_OPENERS + RUDE_BODIES + RUDE_CLOSERS]
     for answer in tuned:
         assert answer and not any(phrase and phrase in answer for phrase in rude), answer
+    # The evaluation after training (eval: in configs/demo.yaml), judged by lora_dpo.demo:kindness.
+    result = json.loads((tmp_path / "out" / "eval" / "eval.json").read_text())
+    accuracy = result["metrics"]["held-out accuracy"]
+    assert accuracy["policy"] > accuracy["reference"] and result["pairs"] == 64
+    assert result["judge"] == "lora_dpo.demo:kindness" and result["win_rate"]["win_rate"] > 0.5
+    assert "win rate of the tuned demo model over its base on 16 unseen prompts" in printed
 
 
 def test_train_writes_the_documented_output_layout(tmp_path, capsys):
     assert main(["demo", *demo_args(tmp_path, "train.max_steps=4", "train.eval_every=2", "train.save_every=2",
-                                    "train.micro_batch_size=2", "dpo.loss=sigmoid", "dpo.rpo_alpha=null"),
+                                    "train.micro_batch_size=2", "dpo.loss=sigmoid", "dpo.rpo_alpha=null",
+                                    "eval.after_training=false"),
                  "--no-progress"]) == 0
     out = tmp_path / "out"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -65,7 +72,8 @@ def test_train_writes_the_documented_output_layout(tmp_path, capsys):
     # a finished run is never silently overwritten
     assert main(["train", *demo_args(tmp_path)]) == 2
     assert "already holds a finished run" in capsys.readouterr().err
-    assert main(["train", *demo_args(tmp_path, "train.max_steps=1"), "--overwrite", "--no-progress"]) == 0
+    assert main(["train", *demo_args(tmp_path, "train.max_steps=1", "eval.after_training=false"), "--overwrite",
+                 "--no-progress"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
     assert not (out / "checkpoint-2").exists()
 
@@ -97,6 +105,23 @@ def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert "cannot load the tokenizer" in err and "Fix:" in err
 
 
+def test_gated_model_says_to_log_in(tmp_path, capsys, monkeypatch):
+    """transformers raises a gated repository as a plain OSError; its text is all there is to go on
+    (stand-in: the hub cannot be reached in tests)."""
+    import transformers
+
+    def gated(*args, **kwargs):
+        raise OSError("You are trying to access a gated repo. Make sure to have access to it at "
+                      "https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct. 401 Client Error.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", gated)
+    assert main(["train", *demo_args(tmp_path), "model.name_or_path=meta-llama/Meta-Llama-3-8B-Instruct"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "gated hub repository" in err and "hf auth login" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_dir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "out").write_text("x")
     assert main(["train", *demo_args(tmp_path)]) == 2
@@ -121,3 +146,25 @@ def test_commands_ask_for_expandable_cuda_segments_unless_the_user_chose(monkeyp
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert main(["config", DEMO]) == 0
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+def test_train_without_arguments_asks_only_for_the_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("the following arguments are required: config"), last
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("merge", ["where to merge and verify (default: cpu)", "(default: 5GB)", "(default: 16)"]),
+    ("generate", ["where to run the model (default: auto)", "(default: 256)"]),
+    ("train", ["YAML config file"]),
+])
+def test_every_command_help_shows_its_defaults(capsys, command, shown):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    for words in shown:
+        assert words in text, words
+    assert "(default: None)" not in text and "(default: False)" not in text

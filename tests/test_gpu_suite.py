@@ -103,7 +103,7 @@ def test_plan_in_the_docs_is_the_script_and_fits_one_call(tmp_path):
     assert 'STAGES="8b 8b-long" bash scripts/gpu_suite.sh "$OUT"' in command
     every = _suite(tmp_path, PLAN="1", STAGES="all", SKIP="1b")
     assert [line.split()[0] for line in every.stdout.splitlines()] == ["8b", "8b-long", "8b-partial", "8b-compile",
-                                                                       "plan"]
+                                                                       "collect", "plan"]
 
 
 STAND_IN = r"""#!/usr/bin/env bash
@@ -165,6 +165,20 @@ def test_a_stage_that_ignores_sigterm_is_killed_at_its_limit_and_rendered_from_j
     assert "SUITE_START is not set" in result.stderr  # the budget then counts from the script's own start
 
 
+def test_the_collect_stage_runs_the_collection_bench_when_named(tmp_path):
+    """Not a default stage; named, it runs scripts/bench_collect.py on the 1B shape on the GPU
+    (SMOKE: the tiny shape on the CPU), time-boxed like the others."""
+    result, calls = _stand_in(tmp_path, "quick", STAGES="collect", LIMIT_COLLECT="40")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^== collect \(limit 40s\): ", result.stdout, re.M)
+    assert calls[1].startswith("scripts/bench_collect.py --model shape --shape 1b --reward model --prompts 64 -n 4")
+    assert "--device cuda" in calls[1] and calls[1].endswith(f"--json {tmp_path}/scratch/collect.json")
+    assert "### collect" in (tmp_path / "out" / "tables.md").read_text()
+    result, calls = _stand_in(tmp_path, "quick", STAGES="collect", SMOKE="1")
+    assert calls[-1].endswith(f"--shape tiny --prompts 4 --max-new-tokens 8 --batch-size 8 --device cpu --json "
+                              f"{tmp_path}/scratch/collect.json")
+
+
 def test_the_plan_stage_runs_plan_check_with_its_shapes_lengths_and_caps(tmp_path):
     """STAGES=plan calls scripts/plan_check.py for 1B and 8B at three lengths and four emulated cards;
     its tables land in tables.md. (tests/test_memory.py runs plan_check.py itself on the tiny shape.)"""
@@ -179,4 +193,4 @@ def test_the_plan_stage_runs_plan_check_with_its_shapes_lengths_and_caps(tmp_pat
 def test_unknown_stage_names_are_refused(tmp_path):
     result = _suite(tmp_path, STAGES="8b 9b")
     assert result.returncode == 2
-    assert "gpu_suite: unknown stage '9b' in STAGES/SKIP; known: 8b 8b-long 8b-partial 8b-compile 1b plan" in result.stderr
+    assert "gpu_suite: unknown stage '9b' in STAGES/SKIP; known: 8b 8b-long 8b-partial 8b-compile 1b collect plan" in result.stderr

@@ -251,7 +251,7 @@ def test_weighted_sum_from_an_override_and_default_weight():
 
 @pytest.mark.parametrize("overrides,key,message", [
     (["dpo.rpo_alpha=0.5"], "dpo.rpo_alpha", "dpo.rpo_alpha belongs to the rpo loss, but dpo.loss is sigmoid"),
-    (["dpo.loss=simpo", "dpo.label_smoothing=0.1"], "dpo.label_smoothing", "belongs to the sigmoid and rpo loss"),
+    (["dpo.loss=simpo", "dpo.label_smoothing=0.1"], "dpo.label_smoothing", "belongs to the sigmoid and rpo and .* loss"),
     (["dpo.loss=ipo", "dpo.robust_epsilon=0.1"], "dpo.robust_epsilon", "Fix: remove dpo.robust_epsilon, or select robust"),
     (["dpo.orpo_lambda=0.2"], "dpo.orpo_lambda", "belongs to the orpo loss"),
     (["dpo.loss=orpo", "dpo.simpo_gamma=1"], "dpo.simpo_gamma", "belongs to the simpo loss, but dpo.loss is orpo"),
@@ -264,7 +264,8 @@ def test_weighted_sum_from_an_override_and_default_weight():
     (["dpo.loss=simpo", "dpo.simpo_gamma=-1"], "dpo.simpo_gamma", "must be >= 0"),
     (["dpo.loss=orpo", "dpo.orpo_lambda=-0.1"], "dpo.orpo_lambda", "must be positive"),
     (["dpo.label_smoothing=0.5"], "dpo.label_smoothing", r"must be in \[0, 0.5\)"),
-    (["dpo.loss=dpo"], "dpo.loss", "must be one of sigmoid, ipo, hinge, robust, rpo, simpo, orpo, weighted_sum"),
+    (["dpo.loss=dpo"], "dpo.loss", "must be one of sigmoid, ipo, hinge, robust, rpo, simpo, orpo, sigmoid_norm, .*, "
+                                   "discopop, weighted_sum"),
     (["dpo.losses=[{name: sigmoid}]"], "dpo.losses", "only read when dpo.loss is weighted_sum"),
     (["dpo.loss=weighted_sum"], "dpo.losses", "must list the terms"),
     (["dpo.loss=weighted_sum", "dpo.losses=[{name: nll}]"], "dpo.losses", "holds only nll"),
@@ -310,6 +311,8 @@ RUNS = {
     "simpo": (["dpo.beta=2.0", "dpo.simpo_gamma=0.5"], None),
     "orpo": (["dpo.orpo_lambda=0.1"], None),
     "weighted_sum": (["dpo.losses=[{name: sigmoid, weight: 1.0}, {name: nll, weight: 0.2}]"], None),
+    # TRL's other losses share these paths; one run covers the per-token options of the chunked pass.
+    "bco_pair": (["dpo.wpo_weighting=true", "dpo.ld_alpha=0.5"], None),
 }
 STEPS = 4
 

@@ -1,0 +1,484 @@
+"""Did alignment work? The reference (adapter off) against the policy (adapter on) of a finished run.
+
+``evaluate_run(run_dir, settings)`` is ``lora-dpo eval RUN_DIR`` and, with ``eval.after_training``,
+the last step of ``lora-dpo train``. In order, so that one GPU holds one model at a time:
+
+1. the run's held-out pairs are read (before any model loads: a bad file costs seconds);
+2. the base + adapter load as training ran them; both models score the pairs through
+   ``batching.score_pairs`` (preference metrics, the base's own ranking accuracy);
+3. both answer the first ``prompts`` distinct held-out prompts ``samples`` times through
+   ``generation.sample``, with the same seeds (answer j to prompt i: seed (seed, i, j));
+4. both score the policy's answers, again through ``score_pairs`` (answers as the "chosen" side of a
+   pair whose "rejected" side is the reference's answer): KL to the reference, nats per answer;
+5. the model is freed, and only then the judge (``rewards.load_reward``) loads and scores every
+   answer: wins, ties, losses, the win rate with a 95% interval and a length-controlled win rate.
+
+Outputs, both written atomically (a temporary file renamed into place), eval.json last:
+``OUT/samples.jsonl`` (one row per prompt and sample, the two answers side by side) and
+``OUT/eval.json`` (``FORMAT`` 1, described in docs/evaluate.md), OUT defaulting to RUN_DIR/eval.
+The metric functions below are pure functions of tensors and lists, tested on hand-worked numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .batching import PairLogps, score_pairs
+from .config import Config, EvalConfig
+from .data import (DataReport, PreferenceExample, Text, TokenizedPair, encode_prompt, load_examples,
+                   read_preference_examples, tokenize_examples)
+from .errors import DataError, LoraDpoError
+from .generation import SamplingSettings, answer_seed, sample
+from .losses import preference_loss
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+EVAL_DIR = "eval"
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+LC_RIDGE = 1e-3
+"""L2 penalty on the length coefficient of the length-controlled fit: keeps it finite when wins
+and length separate perfectly (a few prompts), and moves the answer by under 1e-3 otherwise."""
+KL_WARN_NATS = 50.0
+LENGTH_WARN_RATIO = 1.5
+
+MetricRow = dict[str, Optional[float]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: pure functions
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.double().mean()) if values.numel() else float("nan")
+
+
+def ranking_accuracy(logps: PairLogps) -> tuple[float, float]:
+    """Share of pairs whose chosen answer the model finds likelier than the rejected one, by summed
+    log-prob and by mean log-prob per token (a tie counts as wrong)."""
+    per_token_chosen = logps.chosen.double() / logps.chosen_tokens.clamp(min=1)
+    per_token_rejected = logps.rejected.double() / logps.rejected_tokens.clamp(min=1)
+    return (_mean((logps.chosen > logps.rejected).float()),
+            _mean((per_token_chosen > per_token_rejected).float()))
+
+
+def preference_metrics(dpo: Any, policy: PairLogps, reference: PairLogps) -> dict[str, MetricRow]:
+    """The metrics of the held-out pairs, each for the reference and the policy (None: not defined).
+
+    Accuracy and margin are training's (``losses.preference_loss`` with the run's ``dpo``
+    settings); the reference's are those of the reference taken as the policy, as at step 0 (for
+    DPO-style rewards, beta * log(policy / reference), that is 0 and 0: a tie counts as wrong).
+    """
+    rows: dict[str, MetricRow] = {}
+    results = {side: preference_loss(dpo, model, reference)
+               for side, model in (("reference", reference), ("policy", policy))}
+    margins = {side: result.chosen_rewards.double() - result.rejected_rewards.double()
+               for side, result in results.items()}
+    rows["held-out accuracy"] = {side: _mean((margin > 0).float()) for side, margin in margins.items()}
+    rows["margin"] = {side: _mean(margin) for side, margin in margins.items()}
+    rows["logps/chosen"] = {"reference": _mean(reference.chosen), "policy": _mean(policy.chosen)}
+    rows["logps/rejected"] = {"reference": _mean(reference.rejected), "policy": _mean(policy.rejected)}
+    rows["change of logps/chosen"] = {"reference": None,
+                                      "policy": _mean(policy.chosen.double() - reference.chosen.double())}
+    rows["change of logps/rejected"] = {"reference": None,
+                                        "policy": _mean(policy.rejected.double() - reference.rejected.double())}
+    summed = {"reference": ranking_accuracy(reference), "policy": ranking_accuracy(policy)}
+    rows["ranking accuracy (summed)"] = {side: values[0] for side, values in summed.items()}
+    rows["ranking accuracy (per token)"] = {side: values[1] for side, values in summed.items()}
+    return rows
+
+
+def kl_per_answer(policy_logps: torch.Tensor, reference_logps: torch.Tensor) -> float:
+    """Mean over the policy's own answers of sum_t (log pi(y_t) - log ref(y_t)), in nats per
+    answer: a Monte Carlo estimate of KL(pi || ref) when the answers are samples of pi."""
+    return _mean(policy_logps.double() - reference_logps.double())
+
+
+def verdicts(policy_scores: Sequence[float], reference_scores: Sequence[float]) -> list[float]:
+    """1 where the policy's answer scores higher, 0.5 for a tie, 0 where the reference's does."""
+    return [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy_scores, reference_scores)]
+
+
+def wilson_interval(rate: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval for a proportion ``rate`` observed over ``n`` trials."""
+    if n <= 0:
+        return (0.0, 1.0)
+    denominator = 1 + z * z / n
+    centre = (rate + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def length_controlled_win_rate(verdict: Sequence[float], policy_lengths: Sequence[float],
+                               reference_lengths: Sequence[float], ridge: float = LC_RIDGE) -> float:
+    """AlpacaEval 2's length control, without its per-instruction term: fit
+    P(policy wins) = sigmoid(a + b * tanh(d / sd(d))), d = policy length - reference length, by
+    maximum likelihood (ties are targets of 0.5), and read it at zero length difference: sigmoid(a).
+    Newton's method on the 2-parameter problem, in float64, with a step-halving line search."""
+    y = torch.tensor(list(verdict), dtype=torch.float64)
+    if y.numel() == 0:
+        return float("nan")
+    if bool((y == y[0]).all()):
+        return float(y[0])  # the fit's intercept runs off to +-infinity; its limit is the constant
+    d = torch.tensor(list(policy_lengths), dtype=torch.float64) - torch.tensor(list(reference_lengths), dtype=torch.float64)
+    spread = float(d.std()) if d.numel() > 1 else 0.0
+    x = torch.tanh(d / spread) if spread > 0 else torch.zeros_like(d)
+    features = torch.stack([torch.ones_like(x), x], dim=1)
+    penalty = torch.tensor([0.0, ridge], dtype=torch.float64)
+
+    def objective(w: torch.Tensor) -> torch.Tensor:
+        logits = features @ w
+        # Binary cross-entropy with soft targets, written with softplus to stay finite at large |logits|.
+        return (torch.nn.functional.softplus(logits) - y * logits).mean() + (penalty * w * w).sum() / 2
+
+    w = torch.zeros(2, dtype=torch.float64)
+    for _ in range(100):
+        p = torch.sigmoid(features @ w)
+        gradient = features.T @ (p - y) / len(y) + penalty * w
+        hessian = (features.T * (p * (1 - p))) @ features / len(y) + torch.diag(penalty) + 1e-12 * torch.eye(2, dtype=torch.float64)
+        step = torch.linalg.solve(hessian, gradient)
+        scale, before = 1.0, objective(w)
+        while objective(w - scale * step) > before and scale > 1e-6:
+            scale /= 2
+        w = w - scale * step
+        if float(step.abs().max()) * scale < 1e-10:
+            break
+    return float(torch.sigmoid(w[0]))
+
+
+def win_rate(policy_scores: Sequence[float], reference_scores: Sequence[float], prompt_indices: Sequence[int],
+             policy_lengths: Sequence[float], reference_lengths: Sequence[float]) -> dict[str, Any]:
+    """Wins, ties, losses of the policy's answers against the reference's (same prompt and seed),
+    the win rate (ties count half), its 95% Wilson interval with n = the number of prompts (the
+    answers to one prompt are not independent, so counting answers would overstate the
+    precision), and the length-controlled win rate."""
+    verdict = verdicts(policy_scores, reference_scores)
+    rate = sum(verdict) / len(verdict) if verdict else float("nan")
+    low, high = wilson_interval(rate, len(set(prompt_indices)))
+    return {"wins": verdict.count(1.0), "ties": verdict.count(0.5), "losses": verdict.count(0.0),
+            "win_rate": rate, "ci95": [low, high],
+            "lc_win_rate": length_controlled_win_rate(verdict, policy_lengths, reference_lengths)}
+
+
+def eval_warnings(metrics: dict[str, MetricRow], length_ratio: float, kl: float, cut: float,
+                  wins: Optional[dict[str, Any]], settings: EvalConfig) -> list[str]:
+    """Plain-words warnings for what the numbers say is going wrong (docs/evaluate.md)."""
+    warnings = []
+    change = metrics["change of logps/chosen"]["policy"]
+    if change is not None and change < 0:
+        warnings.append(f"the chosen answers' log-probability fell by {-change:.3g} nats on average from the "
+                        "reference (likelihood displacement): the margin grows by pushing both answers down; "
+                        "read the samples, and consider a lower learning rate, a larger beta or RPO's NLL term")
+    if length_ratio > LENGTH_WARN_RATIO:
+        warnings.append(f"the policy's answers are {length_ratio:.2f}x as long as the reference's: DPO can win "
+                        "by length alone; compare the length-controlled win rate with the raw one")
+    if kl > KL_WARN_NATS:
+        warnings.append(f"the KL to the reference is {kl:.3g} nats per answer, far above a few tens: the policy "
+                        "has drifted far from the base; a larger beta or a lower learning rate keeps it closer")
+    if cut > 0.1:
+        warnings.append(f"{cut:.0%} of the policy's answers stopped at max_new_tokens ({settings.max_new_tokens}): "
+                        "their lengths and KL are of cut answers; raise eval.max_new_tokens (--max-new-tokens)")
+    if settings.temperature != 1.0 or settings.top_p < 1.0 or settings.top_k > 0:
+        warnings.append("the answers were sampled with temperature/top-p/top-k filtering, not from the models "
+                        "themselves, so the KL is only an indicator (temperature 1, top_p 1, top_k 0 measure it)")
+    if wins is not None:
+        low, high = wins["ci95"]
+        if low <= 0.5 <= high:
+            warnings.append(f"the win rate's 95% interval [{low:.2f}, {high:.2f}] includes 0.5: on these prompts "
+                            "the judge cannot tell the two models apart; more prompts narrow it")
+        if wins["win_rate"] - wins["lc_win_rate"] > 0.1:
+            warnings.append(f"the length-controlled win rate ({wins['lc_win_rate']:.2f}) is well below the raw one "
+                            f"({wins['win_rate']:.2f}): part of the wins come from longer answers")
+    return warnings
+
+
+# ---------------------------------------------------------------------------------------------
+# The result
+
+
+@dataclass
+class EvalResult:
+    run_dir: str
+    out: str
+    data: str
+    pairs: int
+    prompts: int
+    samples_per_prompt: int
+    judge: Optional[str]
+    metrics: dict[str, MetricRow]
+    length_ratio: float
+    kl: float
+    win_rate: Optional[dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "data": self.data, "pairs": self.pairs, "prompts": self.prompts,
+                "samples_per_prompt": self.samples_per_prompt, "judge": self.judge, "metrics": self.metrics,
+                "length_ratio": self.length_ratio, "kl": self.kl, "win_rate": self.win_rate,
+                "warnings": self.warnings}
+
+    def lines(self) -> list[str]:
+        """The table as printed."""
+        width = max(len(name) for name in self.metrics)
+        out = [f"evaluation of {self.run_dir}: {self.pairs} held-out pairs from {self.data}, "
+               f"{self.prompts} prompts x {self.samples_per_prompt} answers",
+               f"{'':<{width}}  {'reference':>10}  {'policy':>10}"]
+        for name, row in self.metrics.items():
+            out.append(f"{name:<{width}}  {_shown(row['reference'])}  {_shown(row['policy'])}")
+        out.append(f"answer length ratio (policy / reference): {self.length_ratio:.3f}")
+        if self.win_rate is not None:
+            w = self.win_rate
+            out.append(f"win rate over the reference, judged by {self.judge}: {w['win_rate']:.3f} "
+                       f"(95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}; {w['wins']} wins, {w['ties']} ties, "
+                       f"{w['losses']} losses), length-controlled {w['lc_win_rate']:.3f}")
+        else:
+            out.append("no judge: no win rate (pass --judge, or set eval.judge)")
+        out += [f"warning: {warning}" for warning in self.warnings]
+        out.append(f"eval.json and samples.jsonl in {self.out}")
+        return out
+
+
+def _shown(value: Optional[float]) -> str:
+    if value is None:
+        return f"{'-':>10}"
+    return f"{value:>10.3f}" if abs(value) < 1e5 else f"{value:>10.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out data
+
+
+def held_out_examples(training: Config, data: Optional[str]) -> tuple[list[PreferenceExample], str]:
+    """``data`` (a preference file or dataset, its eval_split), else the run's held-out pairs: its
+    data.eval_file, or the share of data.train_file it held out, split exactly as training split it."""
+    config = training.data
+    columns = (config.prompt_column, config.chosen_column, config.rejected_column)
+    if data:
+        return load_examples(data, config.eval_split, columns, config.on_bad_row, DataReport(data)), data
+    if config.eval_file:
+        return (load_examples(config.eval_file, config.eval_split, columns, config.on_bad_row,
+                              DataReport(config.eval_file)), config.eval_file)
+    if config.eval_fraction > 0:
+        examples = read_preference_examples(config, training.train.seed).eval
+        if examples:
+            return examples, f"{config.train_file} (held-out share {config.eval_fraction:g})"
+    raise LoraDpoError("the run held out no pairs (data.eval_fraction=0 and no data.eval_file). "
+                       "Fix: pass --data FILE with preference pairs it did not train on")
+
+
+def distinct_prompts(examples: Sequence[PreferenceExample], limit: int) -> list[PreferenceExample]:
+    """The first ``limit`` examples with a prompt not seen before, in file order."""
+    seen, picked = set(), []
+    for example in examples:
+        key = json.dumps(example.prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            picked.append(example)
+            if len(picked) == limit:
+                break
+    return picked
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def evaluate_run(run_dir: str | Path, settings: EvalConfig, *, data: Optional[str] = None,
+                 out: str | Path | None = None, device: str = "auto", progress: Optional[bool] = None,
+                 show: Optional[Callable[[str], None]] = None) -> EvalResult:
+    """Evaluate the finished run in ``run_dir`` (its output.dir) as ``settings`` say, write
+    ``out`` (default RUN_DIR/eval)/samples.jsonl and eval.json, and return the result. ``show``
+    receives the printed table line by line. ``progress``: None shows bars on a terminal."""
+    from .modeling import REFERENCE_ADAPTER, inspect_adapter, load_inference_model, reference_model
+    from .modeling import resolve_compute_dtype
+    from .rewards import is_function_spec, load_reward
+
+    run_dir = Path(run_dir)
+    source = inspect_adapter(run_dir)  # refuses an unfinished run or a stray directory in one line
+    training = source.training
+    if training is None:
+        raise LoraDpoError(f"{run_dir}: no config.yaml, so the run's data and tokenization are unknown. "
+                           "Fix: point at a training run's output.dir")
+    out = Path(out) if out is not None else run_dir / EVAL_DIR
+    if out.exists() and not out.is_dir():
+        raise LoraDpoError(f"--out {out} is a file. Fix: give a directory")
+    sampling = SamplingSettings(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                                top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed,
+                                num_samples=settings.samples)
+    sampling.check()
+    try:
+        examples, data_name = held_out_examples(training, data)
+    except DataError as exc:
+        raise LoraDpoError(f"evaluation data: {exc}") from None
+    judge = None
+    if settings.judge and is_function_spec(settings.judge):
+        judge = load_reward(settings.judge, four_bit=settings.judge_4bit, flag="--judge")  # fails in seconds
+    elif settings.judge and not Path(settings.judge).exists() and (
+            settings.judge.startswith((".", "/", "~")) or settings.judge.count("/") > 1):
+        # A local path that is not there (a hub id has one slash): say so now, not after generating.
+        raise LoraDpoError(f"--judge {settings.judge}: no such directory. Fix: give a reward model directory or hub "
+                           "id, or module:function")
+
+    loaded = load_inference_model(None, str(run_dir), device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if training.model.init_adapter:
+        # Training's reference was the frozen starting adapter, not the bare base.
+        model.load_adapter(training.model.init_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    pairs = tokenize_examples(examples, tokenizer, training.data.max_length, training.data.max_prompt_length,
+                              DataReport(data_name), training.data.on_bad_row)
+    if not pairs:
+        raise LoraDpoError(f"{data_name}: no usable held-out pairs after tokenization. Fix: pass --data FILE")
+    scoring = dict(micro_batch_size=training.train.micro_batch_size, layout=training.data.layout,
+                   chunk_size=training.dpo.logps_chunk_size, pack_length=training.data.pack_length,
+                   compute_dtype=resolve_compute_dtype(training.model, loaded.device))
+    pad = tokenizer.pad_token_id
+    from tqdm.auto import tqdm
+
+    bars = dict(dynamic_ncols=True, leave=False, disable=None if progress is None else not progress)
+    with tqdm(total=2 * len(pairs), desc="score held-out pairs", unit="pair", **bars) as bar:
+        policy = score_pairs(model, pairs, pad, progress=bar.update, **scoring)
+        reference = score_pairs(model, pairs, pad, reference=True, progress=bar.update, **scoring)
+    metrics = preference_metrics(training.dpo, policy, reference)
+
+    picked = distinct_prompts(examples, settings.prompts)
+    prompt_ids = [encode_prompt(tokenizer, example.prompt, chat_template=example.is_chat) for example in picked]
+    indices = list(range(len(picked)))
+    with tqdm(total=2 * len(picked), desc="generate", unit="prompt", **bars) as bar:
+        policy_answers = sample(model, tokenizer, prompt_ids, sampling, prompt_indices=indices,
+                                batch_size=settings.batch_size, progress=bar)
+        with reference_model(model):  # the same model, adapter off (or the starting adapter): same seeds
+            reference_answers = sample(model, tokenizer, prompt_ids, sampling, prompt_indices=indices,
+                                       batch_size=settings.batch_size, progress=bar)
+    rows = [(i, j) for i in indices for j in range(settings.samples)]
+    answer_pairs = [TokenizedPair(prompt_ids[i], policy_answers[i][j].token_ids, reference_answers[i][j].token_ids)
+                    for i, j in rows]
+    with tqdm(total=2 * len(answer_pairs), desc="score answers (KL)", unit="answer", **bars) as bar:
+        on_policy = score_pairs(model, answer_pairs, pad, progress=bar.update, **scoring)
+        on_reference = score_pairs(model, answer_pairs, pad, reference=True, progress=bar.update, **scoring)
+    kl = kl_per_answer(on_policy.chosen, on_reference.chosen)
+    policy_lengths = [policy_answers[i][j].num_tokens for i, j in rows]
+    reference_lengths = [reference_answers[i][j].num_tokens for i, j in rows]
+    cut = sum(policy_answers[i][j].finish_reason == "length" for i, j in rows) / len(rows)
+    metrics["answer length (tokens)"] = {"reference": sum(reference_lengths) / len(rows),
+                                         "policy": sum(policy_lengths) / len(rows)}
+    metrics["KL to reference (nats/answer)"] = {"reference": None, "policy": kl}
+    length_ratio = metrics["answer length (tokens)"]["policy"] / max(1e-9, metrics["answer length (tokens)"]["reference"])
+
+    # One GPU: the policy goes before the judge comes.
+    device_type = loaded.device.type
+    del model, loaded, on_policy, on_reference, policy, reference
+    gc.collect()
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+
+    prompts = [picked[i].prompt for i, _ in rows]
+    policy_texts = [policy_answers[i][j].text for i, j in rows]
+    reference_texts = [reference_answers[i][j].text for i, j in rows]
+    scores: tuple[Optional[list[float]], Optional[list[float]]] = (None, None)
+    wins = None
+    if settings.judge:
+        if judge is None:
+            judge = load_reward(settings.judge, device=device, four_bit=settings.judge_4bit,
+                                batch_size=settings.batch_size, flag="--judge")
+        try:
+            scores = (_judge(judge, prompts, reference_texts, settings.batch_size, "judge reference", bars),
+                      _judge(judge, prompts, policy_texts, settings.batch_size, "judge policy", bars))
+        finally:
+            judge.close()
+        wins = win_rate(scores[1], scores[0], [i for i, _ in rows], policy_lengths, reference_lengths)
+        metrics["judge score (mean)"] = {"reference": sum(scores[0]) / len(rows), "policy": sum(scores[1]) / len(rows)}
+
+    result = EvalResult(str(run_dir), str(out), data_name, len(pairs), len(picked), settings.samples, settings.judge,
+                        metrics, length_ratio, kl, wins)
+    result.warnings = eval_warnings(metrics, length_ratio, kl, cut, wins, settings)
+    sample_rows = []
+    for k, (i, j) in enumerate(rows):
+        sample_rows.append({"prompt_index": i, "prompt": picked[i].prompt, "sample": j,
+                            "seed": answer_seed(settings.seed, i, j),
+                            "reference": reference_texts[k], "policy": policy_texts[k],
+                            "reference_score": None if scores[0] is None else scores[0][k],
+                            "policy_score": None if scores[1] is None else scores[1][k],
+                            "reference_tokens": reference_lengths[k], "policy_tokens": policy_lengths[k]})
+    write_outputs(out, result, sample_rows)
+    if out.resolve().parent == run_dir.resolve():
+        _record_in_run(run_dir, out.name)
+    for line in result.lines():
+        (show or print)(line)
+    return result
+
+
+def _judge(judge: Any, prompts: Sequence[Text], answers: Sequence[str], batch_size: int, what: str,
+           bars: dict[str, Any]) -> list[float]:
+    from tqdm.auto import tqdm
+
+    scores: list[float] = []
+    with tqdm(total=len(answers), desc=what, unit="answer", **bars) as bar:
+        for start in range(0, len(answers), batch_size):
+            chunk = slice(start, start + batch_size)
+            scores += judge.score(list(prompts[chunk]), list(answers[chunk]))
+            bar.update(len(answers[chunk]))
+    return scores
+
+
+def write_outputs(out: Path, result: EvalResult, sample_rows: list[dict[str, Any]]) -> None:
+    """samples.jsonl, then eval.json, each to a temporary file renamed into place."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "samples.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sample_rows))
+    _write_atomic(out / "eval.json", json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".tmp-{path.name}")
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+
+
+def _record_in_run(run_dir: Path, name: str) -> None:
+    """List the eval directory among the files the run wrote, so --overwrite (and the demo's rerun)
+    clears it with the rest of the run instead of leaving an earlier run's numbers behind."""
+    from .train import RUN_MARKER, _record_written
+
+    if (run_dir / RUN_MARKER).is_file():
+        _record_written(run_dir, {name})
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def run_eval_command(args: Any) -> int:
+    """``lora-dpo eval RUN_DIR``: settings from the run's eval section, overridden by the flags."""
+    from .config import load_config
+    from .modeling import TRAINING_CONFIG
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise LoraDpoError(f"{run_dir}: no such directory. Fix: point at a training run's output.dir")
+    settings = load_config(run_dir / TRAINING_CONFIG).eval if (run_dir / TRAINING_CONFIG).is_file() else EvalConfig()
+    flags = {"judge": args.judge, "prompts": args.prompts, "samples": args.samples,
+             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+             "top_k": args.top_k, "seed": args.seed, "batch_size": args.batch_size}
+    settings = replace(settings, **{key: value for key, value in flags.items() if value is not None})
+    if args.judge_4bit:
+        settings = replace(settings, judge_4bit=True)
+    for key, value in (("--prompts", settings.prompts), ("--samples", settings.samples),
+                       ("--batch-size", settings.batch_size)):
+        if value < 1:
+            raise LoraDpoError(f"{key} {value}: must be at least 1")
+    evaluate_run(run_dir, settings, data=args.data, out=args.out, device=args.device,
+                 progress=False if args.no_progress else None, show=print)
+    sys.stdout.flush()
+    return 0
