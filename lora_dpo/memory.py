@@ -316,10 +316,11 @@ def lora_rank_bytes(targets: list[str], rank: int, experts_per_token: int) -> in
 
 
 def backward_work_bytes(shape: ModelShape) -> int:
-    """Per token, in one layer's backward: bf16 gradients of gate, up and their product (6i), of q,
-    k and v at every head (6a), and the norms' float32 gradient temporaries (8h)."""
-    a = shape.heads * shape.head_dim
-    return 6 * shape.intermediate_size * shape.experts_per_token + 6 * a + 8 * shape.hidden_size
+    """Per token, at the widest point of one layer's backward (its MLP, whose saved tensors are
+    freed as they are used): bf16 gradients of the product, SiLU's output and up (6i), and of the
+    residual stream coming in and going out (4h). The attention's gradients come later, when the
+    MLP's saved tensors are gone, and are smaller."""
+    return 6 * shape.intermediate_size * shape.experts_per_token + 4 * shape.hidden_size
 
 
 def no_grad_layer_bytes(shape: ModelShape) -> int:
@@ -441,10 +442,9 @@ def plan_memory(shape: ModelShape, config: Config, batch: MicroBatch | None = No
         batch = longest_micro_batch(micro, length, config.data.layout, config.data.pack_length)
     h, v, n = shape.hidden_size, shape.vocab_size, batch.tokens
     dtype_bytes = 4 if model.compute_dtype == "float32" else 2
-    targets = [] if model.init_adapter else lora_modules(lora.target_modules)
-    if model.init_adapter:  # the adapter's own shape is unknown here: plan as the default all-linear r=16
-        targets = list(LINEAR_NAMES)
-    rank = lora.r if not model.init_adapter else 16
+    # An init adapter's own shape is unknown here: planned as the default, r=16 on every linear layer.
+    targets = list(LINEAR_NAMES) if model.init_adapter else lora_modules(lora.target_modules)
+    rank = 16 if model.init_adapter else lora.r
     sizes = lora_tensors(shape, targets, rank)
     lora_params = sum(sizes)
     parts: list[Part] = []
@@ -466,15 +466,19 @@ def plan_memory(shape: ModelShape, config: Config, batch: MicroBatch | None = No
         add("16-bit weights of the linear layers", quantized * dtype_bytes, "model.load_in_4bit=false", kind="weights")
     add("16-bit weights (embeddings, head, norms)", shape.unquantized_params() * dtype_bytes,
         "embeddings" + (" (tied head)" if shape.tied else " and the output head") + ", norms, in the compute dtype", kind="weights")
-    add("LoRA weights", lora_params * (4 + 2), f"{lora_params / 1e6:.1f}M in float32, and their bf16 copies under "
-        "autocast" + (" (planned as r=16 on all linear layers: model.init_adapter)" if model.init_adapter else ""),
-        kind="state")
+    # With an init adapter its frozen float32 copy is the reference: 4 more bytes per weight.
+    add("LoRA weights", lora_params * (4 + 2 + (4 if model.init_adapter else 0)),
+        f"{lora_params / 1e6:.1f}M in float32, and their bf16 copies under autocast" + (
+            "; planned as r=16 on every linear layer, with the frozen reference copy (model.init_adapter)"
+            if model.init_adapter else ""), kind="state")
     add("LoRA gradients", lora_params * 4, "float32, kept across the micro-batches of a step", kind="state")
     on_gpu, paged = optimizer_bytes(sizes, config.train.optim)
     add("optimizer state", on_gpu, "AdamW: two float32 moments" if config.train.optim == "adamw"
         else "8-bit moments of the tensors too small to page (under 100k elements)", kind="state")
     add("paged optimizer state", paged, "CUDA managed memory, outside torch's counters: the driver moves it to CPU "
-        "RAM when the card runs short (a PCIe copy per step)" if paged else "none (train.optim=adamw)", counted=0,
+        "RAM when the card runs short (a PCIe copy per step)" if paged else "none" + (
+            " (train.optim=adamw)" if config.train.optim == "adamw" else ": every state tensor is under 100k elements"),
+        counted=0,
         kind="state")
 
     checked = shape.layers if model.gradient_checkpointing else 0
@@ -695,14 +699,16 @@ def parse_memory(text: str) -> int:
 
 def visible_gpu_budget() -> int | None:
     """Card memory a training process could use: the visible GPU's free memory, plus what this
-    process holds (its weights when called from a run) and the CUDA context the plan counts.
-    None without a CUDA GPU."""
+    process holds (its weights when called from a run) and the CUDA context the plan counts;
+    no more than torch.cuda.set_per_process_memory_fraction allows. None without a CUDA GPU."""
     import torch
 
     if not torch.cuda.is_available():
         return None
-    free, _ = torch.cuda.mem_get_info()
-    return free + torch.cuda.memory_reserved() + CUDA_CONTEXT
+    free, total = torch.cuda.mem_get_info()
+    usable = free + torch.cuda.memory_reserved()
+    fraction = torch.cuda.get_per_process_memory_fraction() if hasattr(torch.cuda, "get_per_process_memory_fraction") else 1.0
+    return int(min(usable, fraction * total)) + CUDA_CONTEXT
 
 
 def plan_command(config: Config, gpu_memory: str | None) -> int:
@@ -766,8 +772,8 @@ def resolve_auto_batch(config: Config, model: Any, pairs: Sequence[Any], device:
     """``config`` with train.micro_batch_size=auto replaced by the largest micro-batch that fits.
 
     The planner proposes the largest divisor of the pairs per step that fits this GPU (on the
-    longest pairs of the data); a real trial step, forward and backward on the longest pairs
-    with room held for the optimizer state, confirms it. On out-of-memory the failed step's
+    longest pairs of the data); real trial steps, forward and backward on the longest pairs with
+    room held for the optimizer state, start one divisor above it and settle it. On out-of-memory the failed step's
     gradients are dropped and the next smaller divisor is tried, with the gradient accumulation
     raised to match, so the pairs per step stay as configured. The RNG is restored afterwards, so
     the run trains as it would with the chosen size written in the config. On a CPU there is no
@@ -778,18 +784,8 @@ def resolve_auto_batch(config: Config, model: Any, pairs: Sequence[Any], device:
 
     pairs_total = pairs_per_step(config.train)
     order = sorted(range(len(pairs)), key=lambda i: _layout_length(pairs[i], config.data.layout), reverse=True)
-    candidates = divisors(pairs_total)
-    budget = visible_gpu_budget() if device.type == "cuda" else None
-    planned = ""
-    if budget is not None:
-        shape = ModelShape.from_config(_base_config(model))
-        choice = choose_batch(shape, config, budget, expandable_segments=expandable_segments_on(),
-                              batch_of=lambda size: micro_batch_of([pairs[i] for i in order[:size]],
-                                                                   config.data.layout, config.data.pack_length))
-        start = choice.micro_batch_size or 1
-        candidates = [size for size in candidates if size <= start]
-        planned = (f"the planner fits {choice.micro_batch_size} in {gib(budget)} GiB" if choice.micro_batch_size
-                   else f"the planner fits none in {gib(budget)} GiB; trying 1")
+    candidates, planned = trial_sizes(config, model, pairs, order,
+                                      visible_gpu_budget() if device.type == "cuda" else None)
     from .train import DpoStep
 
     step = DpoStep(config, model, None, None, None, device, pad_id)
@@ -822,6 +818,27 @@ def resolve_auto_batch(config: Config, model: Any, pairs: Sequence[Any], device:
     raise LoraDpoError(f"train.micro_batch_size=auto: not even one pair fits: a trial step on the longest pair "
                        f"({tokens} tokens, data.max_length={config.data.max_length}) ran out of GPU memory. Fix: lower "
                        "data.max_length; `lora-dpo plan CONFIG` shows what fits and which switches buy room")
+
+
+def trial_sizes(config: Config, model: Any, pairs: Sequence[Any], order: list[int],
+                budget: int | None) -> tuple[list[int], str]:
+    """The micro-batch sizes to try, largest first, and what the planner said: every divisor of
+    the pairs per step without a budget; with one, from one divisor above the plan down."""
+    pairs_total = pairs_per_step(config.train)
+    candidates = divisors(pairs_total)
+    if budget is None:
+        return candidates, ""
+    shape = ModelShape.from_config(_base_config(model))
+    choice = choose_batch(shape, config, budget, expandable_segments=expandable_segments_on(),
+                          batch_of=lambda size: micro_batch_of([pairs[i] for i in order[:size]],
+                                                               config.data.layout, config.data.pack_length))
+    # One divisor above the plan first: the trial, not the prediction, has the last word, so a
+    # plan that errs on the side of caution by one size costs one trial step, not the batch.
+    above = [size for size in candidates if size > (choice.micro_batch_size or 0)]
+    start = above[-1] if above else pairs_total
+    planned = (f"the planner fits {choice.micro_batch_size} in {gib(budget)} GiB" if choice.micro_batch_size
+               else f"the planner fits none in {gib(budget)} GiB")
+    return [size for size in candidates if size <= start], planned
 
 
 @contextlib.contextmanager
@@ -894,7 +911,7 @@ def planner_hint(config: Config) -> str:
     except Exception:  # noqa: BLE001 - a hint must never hide the error it is attached to
         return ""
     if choice.micro_batch_size is None:
-        return f" The planner predicts {verdict(shape, config, card, expandable_segments_on())}."
-    return (f" The planner (lora-dpo plan) would have chosen train.micro_batch_size={choice.micro_batch_size} with "
+        return f"; the planner (lora-dpo plan) predicts {verdict(shape, config, card, expandable_segments_on())}"
+    return (f"; the planner (lora-dpo plan) would have chosen train.micro_batch_size={choice.micro_batch_size} with "
             f"train.gradient_accumulation_steps={choice.accumulation} for this {gib(card)} GiB card at "
-            f"data.max_length={config.data.max_length}, or train.micro_batch_size=auto.")
+            f"data.max_length={config.data.max_length} (or set train.micro_batch_size=auto)")

@@ -997,7 +997,7 @@ def _out_of_memory(config: Config, when: str, pairs: list[TokenizedPair]) -> Lor
         f"(longest sequence {longest} tokens, data.max_length={config.data.max_length}). Fix: lower "
         "train.micro_batch_size (raise train.gradient_accumulation_steps to keep the pairs per step), lower "
         "data.max_length or dpo.logps_chunk_size, keep model.gradient_checkpointing on with model.checkpoint_layers "
-        "null (every layer); --debug shows the traceback." + planner_hint(config))
+        f"null (every layer){planner_hint(config)}; --debug shows the traceback")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -9,7 +9,8 @@
 # the per-part breakdown and one profile; `8b-long`, 8B long rows, lora-dpo and TRL, under an
 # allocator cap equivalent to an 8 GiB card. More stages run when STAGES names them
 # (STAGES="8b 8b-long 8b-partial", or STAGES=all); SKIP="..." leaves stages out. `collect` measures
-# `lora-dpo collect rank` (prompts/s, scripts/bench_collect.py); it is not a default stage.
+# `lora-dpo collect rank` (prompts/s, scripts/bench_collect.py); `plan` (scripts/plan_check.py)
+# checks the memory planner and emulates small cards; neither is a default stage.
 #
 # Time: every stage has a limit (LIMIT_<NAME>, e.g. LIMIT_8B_LONG) and a least time left to
 # start (8B stages: 90 s, for imports and the 4-bit load); the whole run ends within BUDGET
@@ -27,7 +28,7 @@
 # PLAN=1 prints the stages that would run (name, limit, least time to start) and runs nothing.
 # PYTHON names the interpreter (default python3).
 set -u
-known="8b 8b-long 8b-partial 8b-compile 1b collect"
+known="8b 8b-long 8b-partial 8b-compile 1b collect plan"
 stages=${STAGES:-8b 8b-long}
 [[ $stages == all ]] && stages=$known
 for name in $stages ${SKIP:-}; do
@@ -153,6 +154,11 @@ bench_stage 1b "${LIMIT_1B:-120}" 60 --shape 1b --steps 8 --warmup 2 --check-lay
 collect_flags=(--model shape --shape 1b --reward model --prompts 64 -n 4 --max-new-tokens 128 --batch-size 64 --device cuda)
 [[ -n ${SMOKE:-} ]] && collect_flags+=(--shape tiny --prompts 4 --max-new-tokens 8 --batch-size 8 --device cpu)
 stage collect "${LIMIT_COLLECT:-150}" 60 "$python" scripts/bench_collect.py "${collect_flags[@]}" --json "$scratch/collect.json"
+# The memory planner's prediction beside the measured peak (1B, 8B; three lengths; both reference
+# modes), then 8/12/16/24 GiB cards emulated, with the micro-batch auto picks trained under each.
+plan_flags=(--shapes 1b,8b --lengths 512,1024,2048 --caps 8,12,16,24)
+[[ -n ${SMOKE:-} ]] && plan_flags=(--shapes tiny --lengths 24,40,64 --steps 1 --device cpu)
+stage plan "${LIMIT_PLAN:-300}" 90 "$python" scripts/plan_check.py "${plan_flags[@]}" --json "$scratch/plan-check.json"
 
 [[ -n ${PLAN:-} ]] && exit 0
 # The main comparison last, where the returned end of the output keeps it.

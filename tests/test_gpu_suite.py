@@ -103,7 +103,7 @@ def test_plan_in_the_docs_is_the_script_and_fits_one_call(tmp_path):
     assert 'STAGES="8b 8b-long" bash scripts/gpu_suite.sh "$OUT"' in command
     every = _suite(tmp_path, PLAN="1", STAGES="all", SKIP="1b")
     assert [line.split()[0] for line in every.stdout.splitlines()] == ["8b", "8b-long", "8b-partial", "8b-compile",
-                                                                     "collect"]
+                                                                       "collect", "plan"]
 
 
 STAND_IN = r"""#!/usr/bin/env bash
@@ -179,7 +179,18 @@ def test_the_collect_stage_runs_the_collection_bench_when_named(tmp_path):
                               f"{tmp_path}/scratch/collect.json")
 
 
+def test_the_plan_stage_runs_plan_check_with_its_shapes_lengths_and_caps(tmp_path):
+    """STAGES=plan calls scripts/plan_check.py for 1B and 8B at three lengths and four emulated cards;
+    its tables land in tables.md. (tests/test_memory.py runs plan_check.py itself on the tiny shape.)"""
+    result, calls = _stand_in(tmp_path, "quick", STAGES="plan", SUITE_START=str(int(time.time())))
+    assert result.returncode == 0, result.stderr
+    assert calls[1:] == [f"scripts/plan_check.py --shapes 1b,8b --lengths 512,1024,2048 --caps 8,12,16,24 "
+                         f"--json {tmp_path}/scratch/plan-check.json"]
+    assert re.search(r"^== plan \(limit 300s\)", result.stdout, re.M)
+    assert "### plan\n\n| impl | stand-in table |" in (tmp_path / "out" / "tables.md").read_text()
+
+
 def test_unknown_stage_names_are_refused(tmp_path):
     result = _suite(tmp_path, STAGES="8b 9b")
     assert result.returncode == 2
-    assert "gpu_suite: unknown stage '9b' in STAGES/SKIP; known: 8b 8b-long 8b-partial 8b-compile 1b collect" in result.stderr
+    assert "gpu_suite: unknown stage '9b' in STAGES/SKIP; known: 8b 8b-long 8b-partial 8b-compile 1b collect plan" in result.stderr

@@ -5,6 +5,7 @@ config.json, and ``train.micro_batch_size: auto`` with its trial step and back-o
 from __future__ import annotations
 
 import json
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -31,6 +32,15 @@ LLAMA_1B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "i
             "tie_word_embeddings": True, "max_position_embeddings": 131072}
 LLAMA_8B = {**LLAMA_1B, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
             "head_dim": 128, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on two busy cores: one thread (two make tiny steps many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def config(*overrides):
@@ -63,11 +73,11 @@ def test_the_small_shape_worked_out_by_hand():
     # Head phase: final norm 6h per token + scored hidden states and gradients 4h each; the chunk
     # 124 tokens x 1000 x 12 bytes. It beats the layer phase: 128 tokens x 4,608 saved bytes
     # (norms 8h, SDPA 8a + 4 heads x 4, MLP 6i, LoRA with dropout 3 x input width per module
-    # = 1,920, rank outputs 7 x 2 x 8) and 128 x (6i + 6a + 8h) + the 64 x 256 weight in bf16.
+    # = 1,920, rank outputs 7 x 2 x 8) and 128 x (6i + 4h) + the 64 x 256 weight in bf16.
     assert got["decoder output and scored hidden states"] == (128 * 6 * 64 + 124 * 4 * 64,) * 2
     assert got["log-prob chunk (logits forward + backward)"] == (124 * 1000 * 12,) * 2
     assert got["one layer's activations in backward"] == (128 * 4608, 0)
-    assert got["backward working memory"] == (128 * 2432 + 16384 * 2, 0)
+    assert got["backward working memory"] == (128 * 1792 + 16384 * 2, 0)
     static = 61440 + 1950 + 256640 + 22528 * 18
     policy = static + 4096 + 32768 + 49152 + 31744 + 1488000
     assert plan.allocated == policy == 2331294
@@ -187,16 +197,46 @@ def test_plan_reads_a_bare_config_json_offline(tmp_path, capsys, monkeypatch):
     assert memory.parse_memory("800MiB") == 800 * 2**20 and memory.parse_memory("12") == 12 * GIB
 
 
+def test_auto_tries_from_one_divisor_above_the_plan_down():
+    model = SimpleNamespace(config=LLAMA_8B)  # what the planner reads of a loaded model: its config
+    pairs = [TokenizedPair([1] * 200, [2] * 800, [3] * 700)] * 8
+    run = config("train.micro_batch_size=auto", "data.max_length=1024")
+    order = list(range(8))
+    assert memory.trial_sizes(run, model, pairs, order, None) == ([8, 4, 2, 1], "")
+    assert memory.trial_sizes(run, model, pairs, order, 80 * GIB)[0] == [8, 4, 2, 1]
+    planned = choose_batch(ModelShape.from_config(LLAMA_8B), run, 12 * GIB,
+                           batch_of=lambda size: micro_batch_of(pairs[:size], "padded")).micro_batch_size
+    sizes, said = memory.trial_sizes(run, model, pairs, order, 12 * GIB)
+    assert planned in (1, 2, 4) and sizes[0] == {1: 2, 2: 4, 4: 8}[planned] and sizes[-1] == 1
+    assert said == f"the planner fits {planned} in 12.00 GiB"
+    assert memory.trial_sizes(run, model, pairs, order, 4 * GIB) == ([1], "the planner fits none in 4.00 GiB")
+
+
+def test_the_models_and_cards_table_in_the_docs_is_the_planners():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("lora_dpo_memory_table", REPO / "scripts" / "memory_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    docs = (REPO / "docs" / "memory.md").read_text(encoding="utf-8")
+    between = docs.split("<!-- scripts/memory_table.py: begin -->\n")[1].split("\n<!-- scripts/memory_table.py: end -->")[0]
+    assert between == table.card_table() + "\n\n" + table.calibration_table()
+    assert "| Llama-3.1-70B | 70.6B | does not fit |" in between and "| 0.96 GiB allocated | 0.96 GiB |" in between
+
+
 def test_oom_message_carries_the_planners_choice(llama_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=8 * GIB))
     run = make_config(llama_dir, "t.jsonl", "out", "train.micro_batch_size=4", "train.gradient_accumulation_steps=2")
     hint = memory.planner_hint(run)
-    assert hint.startswith(" The planner (lora-dpo plan) would have chosen train.micro_batch_size=8 with "
+    assert hint.startswith("; the planner (lora-dpo plan) would have chosen train.micro_batch_size=8 with "
                            "train.gradient_accumulation_steps=1 for this 8.00 GiB card")
     message = str(train_module._out_of_memory(run, "at step 1", []))
-    assert message.endswith(hint) and "out of GPU memory at step 1" in message
+    assert message.endswith(f"(every layer){hint}; --debug shows the traceback")
+    assert "out of GPU memory at step 1" in message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,3 +297,28 @@ def test_auto_that_never_fits_is_one_clear_error(auto_setup, llama_dir, monkeypa
     assert not (folder / "never").exists()  # nothing written before the settings were settled
     with pytest.raises(LoraDpoError, match="train.pairs_per_step is only read with train.micro_batch_size=auto"):
         make_config(llama_dir, train_file, folder / "x", "train.pairs_per_step=4")
+
+
+def test_plan_check_puts_a_prediction_beside_each_measurement(tmp_path, capsys):
+    """scripts/plan_check.py (the `plan` stage of gpu_suite.sh) on the tiny shape on the CPU:
+    three lengths, both reference modes, each row with its prediction; no card is emulated
+    without CUDA, and the output says so."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("lora_dpo_plan_check", REPO / "scripts" / "plan_check.py")
+    plan_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_check)
+    report_file = tmp_path / "plan-check.json"
+    handler = signal.getsignal(signal.SIGTERM)
+    assert plan_check.main(["--shapes", "tiny", "--lengths", "24,40,64", "--steps", "1", "--device", "cpu",
+                            "--model-root", str(tmp_path), "--json", str(report_file)]) == 0
+    assert signal.getsignal(signal.SIGTERM) is handler  # its SIGTERM handler does not outlive it
+    report = json.loads(report_file.read_text())
+    assert [(r["length"], r["reference"], r["status"]) for r in report["accuracy"]] == [
+        (n, mode, "ok") for n in (24, 40, 64) for mode in ("every_step", "precomputed")]
+    assert [(r["rows"], r["row_length"]) for r in report["accuracy"]] == [(4, 24)] * 2 + [(4, 40)] * 2 + [(4, 64)] * 2
+    assert all(r["predicted_reserved_gib"] > r["predicted_allocated_gib"] > 0 for r in report["accuracy"])
+    out = capsys.readouterr().out
+    assert "| tiny | 64 | precomputed | 2 | 4 x 64 |" in out and "Emulated cards: not run (no CUDA device)." in out
