@@ -8,7 +8,8 @@
 # lora-dpo against TRL on the 8B shape, both reference modes, then the layouts' bf16 agreement,
 # the per-part breakdown and one profile; `8b-long`, 8B long rows, lora-dpo and TRL, under an
 # allocator cap equivalent to an 8 GiB card. More stages run when STAGES names them
-# (STAGES="8b 8b-long 8b-partial", or STAGES=all); SKIP="..." leaves stages out.
+# (STAGES="8b 8b-long 8b-partial", or STAGES=all; `sweep` times lora-dpo sweep against
+# separate train runs); SKIP="..." leaves stages out.
 #
 # Time: every stage has a limit (LIMIT_<NAME>, e.g. LIMIT_8B_LONG) and a least time left to
 # start (8B stages: 90 s, for imports and the 4-bit load); the whole run ends within BUDGET
@@ -26,7 +27,7 @@
 # PLAN=1 prints the stages that would run (name, limit, least time to start) and runs nothing.
 # PYTHON names the interpreter (default python3).
 set -u
-known="8b 8b-long 8b-partial 8b-compile 1b"
+known="8b 8b-long 8b-partial 8b-compile 1b sweep"
 stages=${STAGES:-8b 8b-long}
 [[ $stages == all ]] && stages=$known
 for name in $stages ${SKIP:-}; do
@@ -147,6 +148,10 @@ bench_stage 8b-partial "${LIMIT_8B_PARTIAL:-90}" 90 --shape 8b --steps 6 --warmu
 bench_stage 8b-compile "${LIMIT_8B_COMPILE:-240}" 90 --shape 8b --steps 6 --warmup 3 --skip-trl --compile \
   --layouts packed_prefix_shared
 bench_stage 1b "${LIMIT_1B:-120}" 60 --shape 1b --steps 8 --warmup 2 --check-layouts
+# lora-dpo sweep against separate train runs (scripts/bench_sweep.py, docs/sweep.md): the demo's
+# 3-trial beta sweep, each way a process of its own (7 processes, ~15 s of start-up and load each).
+[[ -n ${SMOKE:-} ]] && sweep_flags=(--steps 2 --device cpu) || sweep_flags=(--device cuda)
+stage sweep "${LIMIT_SWEEP:-240}" 60 "$python" scripts/bench_sweep.py "${sweep_flags[@]}" --json "$scratch/sweep-timing.json"
 
 [[ -n ${PLAN:-} ]] && exit 0
 # The main comparison last, where the returned end of the output keeps it.
