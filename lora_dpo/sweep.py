@@ -6,7 +6,7 @@
 A comma list is a grid axis (every combination is a trial, the first key varying slowest); any
 config key can be one, ``dpo.loss`` included. With ``--search optuna`` a range ``lo:hi[:log]`` is
 searched by Optuna's TPE sampler and a comma list is a set of choices; a trial whose held-out
-metric at an evaluation step falls below the median of earlier trials at that step is pruned.
+metric at an evaluation step is worse than the median of earlier trials at that step is pruned.
 
 What the trials share, and why it is safe: the preference data is read and tokenized once, and
 the base is loaded once (again only when a swept key changes how it loads: ``model.*``,
@@ -331,7 +331,7 @@ class SharedPieces:
 
 def run_sweep(sweep: Sweep, overwrite: bool = False, progress: bool | None = None,
               pieces: SharedPieces | None = None) -> list[dict[str, Any]]:
-    """Run (or continue) the sweep; returns the table's rows, best first is not implied."""
+    """Run (or continue) the sweep; returns the table's rows, in trial order."""
     _open_sweep_dir(sweep, overwrite)
     if "dpo.precompute_reference=true" in sweep.base_overrides[:1]:
         log.info("sweep: dpo.precompute_reference is on: the reference log-probs depend on neither beta nor the "
@@ -588,7 +588,8 @@ def sweep_markdown(sweep: Sweep, rows: list[dict[str, Any]], plotted: bool = Fal
     else:
         run_dir = sweep.out / best["trial"]
         settings = {k: best[k] for k in keys}
-        retrain = " ".join(["lora-dpo train", sweep.config_path or "", *sweep.fixed,
+        fixed = [o for o in sweep.fixed if o.split("=", 1)[0].strip() != "output.dir"]
+        retrain = " ".join(["lora-dpo train", sweep.config_path or "", *fixed,
                             *(f"{k}={v}" for k, v in settings.items()), "output.dir=runs/best"]).replace("  ", " ")
         lines += [f"Best: **{best['trial']}** ({_settings_text(settings)}), {sweep.metric} {_cell(best['metric'])}.", "",
                   "Use it:", "", "```bash",
