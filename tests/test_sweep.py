@@ -215,3 +215,25 @@ def test_a_failed_trial_is_the_trials_result_and_the_sweep_goes_on(setup, monkey
         ("failed", "stopped at step 1: 5 steps in a row had a non-finite loss (0.1)")]
     markdown = (root / "failing" / "sweep.md").read_text()
     assert "trial-001 failed: stopped at step 1" in markdown and "No finished trial has a loss yet." in markdown
+
+
+def test_an_optuna_trial_stopped_mid_way_resumes_with_its_parameters(setup, monkeypatch):
+    pytest.importorskip("optuna")
+    root, config_path = setup
+    real_step = train_module.train_step
+
+    def stop_at_first_step(run, step):
+        row = real_step(run, step)
+        if step == 1 and not (run.out / "checkpoint-1").exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+        return row
+
+    monkeypatch.setattr(train_module, "train_step", stop_at_first_step)
+    overrides = ["train.learning_rate=1e-4:1e-2:log", f"output.dir={root / 'optuna-stopped'}"]
+    with pytest.raises(Interrupted):
+        run_sweep(plan_sweep(config_path, overrides, search="optuna", trials=1), progress=False)
+    trial = root / "optuna-stopped" / "trial-000"
+    asked = load_config(trial / "config.yaml").train.learning_rate
+    (row,) = run_sweep(plan_sweep(config_path, overrides, search="optuna", trials=1), progress=False)
+    assert (row["trial"], row["status"], float(row["train.learning_rate"])) == ("trial-000", "finished", asked)
+    assert json.loads((trial / "summary.json").read_text())["resumed_from_step"] == 1
