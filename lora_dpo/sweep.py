@@ -6,7 +6,7 @@
 A comma list is a grid axis (every combination is a trial, the first key varying slowest); any
 config key can be one, ``dpo.loss`` included. With ``--search optuna`` a range ``lo:hi[:log]`` is
 searched by Optuna's TPE sampler and a comma list is a set of choices; a trial whose held-out
-metric at an evaluation step falls below the median of earlier trials at that step is pruned.
+metric at an evaluation step is worse than the median of earlier trials at that step is pruned.
 
 What the trials share, and why it is safe: the preference data is read and tokenized once, and
 the base is loaded once (again only when a swept key changes how it loads: ``model.*``,
@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gc
+import importlib.util
 import io
 import itertools
 import json
@@ -330,7 +331,7 @@ class SharedPieces:
 
 def run_sweep(sweep: Sweep, overwrite: bool = False, progress: bool | None = None,
               pieces: SharedPieces | None = None) -> list[dict[str, Any]]:
-    """Run (or continue) the sweep; returns the table's rows, best first is not implied."""
+    """Run (or continue) the sweep; returns the table's rows, in trial order."""
     _open_sweep_dir(sweep, overwrite)
     if "dpo.precompute_reference=true" in sweep.base_overrides[:1]:
         log.info("sweep: dpo.precompute_reference is on: the reference log-probs depend on neither beta nor the "
@@ -374,23 +375,36 @@ def _open_sweep_dir(sweep: Sweep, overwrite: bool) -> None:
 
 
 def _run_trial(sweep: Sweep, name: str, settings: dict[str, str], pieces: SharedPieces, overwrite: bool,
-               progress: bool | None, on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> None:
+               progress: bool | None, on_evaluation: Callable[[dict[str, Any]], None] | None = None) -> str | None:
+    """Run one trial (nothing when it already finished); returns why it failed, or None.
+
+    A trial's own failure (a learning rate that diverges, a micro-batch that does not fit) is
+    the trial's result, and the sweep goes on; what every trial needs (the data, the base) fails
+    the sweep, as does a stop request."""
     from .train import finished_run, train
 
     config = sweep.trial_config(name, settings)
     if finished_run(config, overwrite) is not None:
         log.info("%s (%s) already finished: skipped", name, _settings_text(settings))
-        return
+        return None
     log.info("== %s: %s", name, _settings_text(settings))
-    train(config, overwrite, progress, on_evaluation=on_evaluation, **pieces.for_trial(config))
+    shared = pieces.for_trial(config)
+    try:
+        train(config, overwrite, progress, on_evaluation=on_evaluation, **shared)
+    except Interrupted:
+        raise
+    except LoraDpoError as exc:
+        log.warning("%s failed: %s", name, exc)
+        return str(exc)
+    return None
 
 
 def _run_grid(sweep: Sweep, pieces: SharedPieces, overwrite: bool, progress: bool | None) -> list[dict[str, Any]]:
     rows = []
     for index, settings in enumerate(grid_settings(sweep.axes)):
         name = trial_name(index)
-        _run_trial(sweep, name, settings, pieces, overwrite, progress)
-        rows.append(trial_row(sweep, name, settings, "finished"))
+        failure = _run_trial(sweep, name, settings, pieces, overwrite, progress)
+        rows.append(trial_row(sweep, name, settings, "failed" if failure else "finished", failure))
         write_tables(sweep, rows)
     return rows
 
@@ -440,11 +454,16 @@ def _run_optuna(sweep: Sweep, pieces: SharedPieces, overwrite: bool, progress: b
                 raise optuna.TrialPruned(f"held-out {sweep.metric} {value:.4g} at step {row['step']}")
 
         try:
-            _run_trial(sweep, name, settings, pieces, overwrite, progress, prune)
+            failure = _run_trial(sweep, name, settings, pieces, overwrite, progress, prune)
         except optuna.TrialPruned as exc:
             log.info("%s pruned: %s is below the median of the earlier trials", name, exc)
             study.tell(trial, state=TrialState.PRUNED)
         else:
+            if failure:
+                trial.set_user_attr("error", failure)
+                study.tell(trial, state=TrialState.FAIL)
+                write_tables(sweep, _optuna_rows(sweep, study))
+                continue
             value = metric_value(sweep.metric, read_trial(sweep.out / name))
             if value is None:
                 log.warning("%s has no %s (%s missing): Optuna counts it as failed", name, sweep.metric, EVAL_JSON)
@@ -463,7 +482,8 @@ def _optuna_rows(sweep: Sweep, study: Any) -> list[dict[str, Any]]:
         if "settings" in trial.user_attrs and trial.state != TrialState.RUNNING:
             latest[trial.user_attrs["dir"]] = trial  # a resumed trial replaces its stopped attempt
     status = {TrialState.COMPLETE: "finished", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed"}
-    return [trial_row(sweep, name, trial.user_attrs["settings"], status.get(trial.state, trial.state.name.lower()))
+    return [trial_row(sweep, name, trial.user_attrs["settings"], status.get(trial.state, trial.state.name.lower()),
+                      trial.user_attrs.get("error"))
             for name, trial in sorted(latest.items())]
 
 
@@ -505,14 +525,15 @@ COLUMNS = ("eval_loss", "eval_margin", "eval_accuracy", "win_rate", "kl", "lengt
            "seconds")
 
 
-def trial_row(sweep: Sweep, name: str, settings: dict[str, str], status: str) -> dict[str, Any]:
+def trial_row(sweep: Sweep, name: str, settings: dict[str, str], status: str,
+              error: str | None = None) -> dict[str, Any]:
     found = read_trial(sweep.out / name)
     held_out, train = found["final_eval"] or {}, found["final_train"] or {}
     return {"trial": name, "status": status, **settings, "metric": metric_value(sweep.metric, found),
             "eval_loss": held_out.get("loss"), "eval_margin": held_out.get("rewards/margins"),
             "eval_accuracy": held_out.get("rewards/accuracy"), "win_rate": found["win_rate"], "kl": found["kl"],
             "length_ratio": found["length_ratio"], "train_loss": train.get("loss"), "steps": found["steps"],
-            "seconds": found["seconds"]}
+            "seconds": found["seconds"], "error": error}
 
 
 def best_row(sweep: Sweep, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -528,12 +549,13 @@ def write_tables(sweep: Sweep, rows: list[dict[str, Any]], final: bool = False) 
     """sweep.csv (one row per trial) and sweep.md (the table, the best trial and how to use it);
     with ``final``, also the plot. Each file is replaced atomically."""
     keys = [axis.key for axis in sweep.axes]
-    header = ["trial", "status", *keys, f"metric ({sweep.metric})", *COLUMNS]
+    header = ["trial", "status", *keys, f"metric ({sweep.metric})", *COLUMNS, "error"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for row in rows:
-        writer.writerow(["" if row.get(k) is None else row[k] for k in ["trial", "status", *keys, "metric", *COLUMNS]])
+        writer.writerow(["" if row.get(k) is None else row[k]
+                         for k in ["trial", "status", *keys, "metric", *COLUMNS, "error"]])
     _write_atomic(sweep.out / TABLE_CSV, buffer.getvalue())
     plotted = final and _write_plot(sweep, rows)
     _write_atomic(sweep.out / TABLE_MD, sweep_markdown(sweep, rows, plotted))
@@ -556,6 +578,9 @@ def sweep_markdown(sweep: Sweep, rows: list[dict[str, Any]], plotted: bool = Fal
                  _cell(row["metric"]), *(_cell(row[c]) for c in COLUMNS)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines.append("")
+    for row in rows:
+        if row.get("error"):
+            lines += [f"{row['trial']} failed: {row['error']}", ""]
     if best is None:
         lines.append(f"No finished trial has a {sweep.metric} yet."
                      + (f" A win rate comes from each trial's {EVAL_JSON.as_posix()} (lora-dpo eval)."
@@ -563,7 +588,8 @@ def sweep_markdown(sweep: Sweep, rows: list[dict[str, Any]], plotted: bool = Fal
     else:
         run_dir = sweep.out / best["trial"]
         settings = {k: best[k] for k in keys}
-        retrain = " ".join(["lora-dpo train", sweep.config_path or "", *sweep.fixed,
+        fixed = [o for o in sweep.fixed if o.split("=", 1)[0].strip() != "output.dir"]
+        retrain = " ".join(["lora-dpo train", sweep.config_path or "", *fixed,
                             *(f"{k}={v}" for k, v in settings.items()), "output.dir=runs/best"]).replace("  ", " ")
         lines += [f"Best: **{best['trial']}** ({_settings_text(settings)}), {sweep.metric} {_cell(best['metric'])}.", "",
                   "Use it:", "", "```bash",
@@ -650,12 +676,9 @@ def run_sweep_command(args: Any) -> int:
     if args.metric:
         words += ["--metric", args.metric]
     sweep = plan_sweep(args.config, args.overrides, args.search, args.trials, args.metric, " ".join(words))
-    if args.search == "optuna":
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
-            raise LoraDpoError("--search optuna needs Optuna. Fix: pip install 'lora-dpo[sweep]', or sweep a grid "
-                               "of comma lists") from None
+    if args.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise LoraDpoError("--search optuna needs Optuna. Fix: pip install 'lora-dpo[sweep]', or sweep a grid of "
+                           "comma lists")
     rows = run_sweep(sweep, overwrite=args.overwrite, progress=False if args.no_progress else None)
     best = best_row(sweep, rows)
     print(f"{len(rows)} trials in {sweep.out}: table in {sweep.out / TABLE_MD} and {sweep.out / TABLE_CSV}")

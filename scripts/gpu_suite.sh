@@ -10,7 +10,8 @@
 # allocator cap equivalent to an 8 GiB card. More stages run when STAGES names them
 # (STAGES="8b 8b-long 8b-partial", or STAGES=all); SKIP="..." leaves stages out. `collect` measures
 # `lora-dpo collect rank` (prompts/s, scripts/bench_collect.py); `plan` (scripts/plan_check.py)
-# checks the memory planner and emulates small cards; neither is a default stage.
+# checks the memory planner and emulates small cards; `sweep` times lora-dpo sweep against
+# separate train runs; none of the three is a default stage.
 #
 # Time: every stage has a limit (LIMIT_<NAME>, e.g. LIMIT_8B_LONG) and a least time left to
 # start (8B stages: 90 s, for imports and the 4-bit load); the whole run ends within BUDGET
@@ -28,7 +29,7 @@
 # PLAN=1 prints the stages that would run (name, limit, least time to start) and runs nothing.
 # PYTHON names the interpreter (default python3).
 set -u
-known="8b 8b-long 8b-partial 8b-compile 1b collect plan"
+known="8b 8b-long 8b-partial 8b-compile 1b collect plan sweep"
 stages=${STAGES:-8b 8b-long}
 [[ $stages == all ]] && stages=$known
 for name in $stages ${SKIP:-}; do
@@ -159,6 +160,10 @@ stage collect "${LIMIT_COLLECT:-150}" 60 "$python" scripts/bench_collect.py "${c
 plan_flags=(--shapes 1b,8b --lengths 512,1024,2048 --caps 8,12,16,24)
 [[ -n ${SMOKE:-} ]] && plan_flags=(--shapes tiny --lengths 24,40,64 --steps 1 --device cpu)
 stage plan "${LIMIT_PLAN:-300}" 90 "$python" scripts/plan_check.py "${plan_flags[@]}" --json "$scratch/plan-check.json"
+# lora-dpo sweep against separate train runs (scripts/bench_sweep.py, docs/sweep.md): the demo's
+# 3-trial beta sweep, each way a process of its own (7 processes, ~15 s of start-up and load each).
+[[ -n ${SMOKE:-} ]] && sweep_flags=(--steps 2 --device cpu) || sweep_flags=(--device cuda)
+stage sweep "${LIMIT_SWEEP:-240}" 60 "$python" scripts/bench_sweep.py "${sweep_flags[@]}" --json "$scratch/sweep-timing.json"
 
 [[ -n ${PLAN:-} ]] && exit 0
 # The main comparison last, where the returned end of the output keeps it.

@@ -103,7 +103,7 @@ def test_plan_in_the_docs_is_the_script_and_fits_one_call(tmp_path):
     assert 'STAGES="8b 8b-long" bash scripts/gpu_suite.sh "$OUT"' in command
     every = _suite(tmp_path, PLAN="1", STAGES="all", SKIP="1b")
     assert [line.split()[0] for line in every.stdout.splitlines()] == ["8b", "8b-long", "8b-partial", "8b-compile",
-                                                                       "collect", "plan"]
+                                                                       "collect", "plan", "sweep"]
 
 
 STAND_IN = r"""#!/usr/bin/env bash
@@ -193,4 +193,17 @@ def test_the_plan_stage_runs_plan_check_with_its_shapes_lengths_and_caps(tmp_pat
 def test_unknown_stage_names_are_refused(tmp_path):
     result = _suite(tmp_path, STAGES="8b 9b")
     assert result.returncode == 2
-    assert "gpu_suite: unknown stage '9b' in STAGES/SKIP; known: 8b 8b-long 8b-partial 8b-compile 1b collect plan" in result.stderr
+    assert "gpu_suite: unknown stage '9b' in STAGES/SKIP; known: 8b 8b-long 8b-partial 8b-compile 1b collect plan sweep" in result.stderr
+
+
+def test_the_sweep_stage_times_bench_sweep_and_is_not_a_default(tmp_path):
+    """`sweep` runs only when named: scripts/bench_sweep.py on the GPU, or its CPU smoke with SMOKE=1."""
+    assert "sweep" not in _suite(tmp_path, PLAN="1").stdout
+    assert _suite(tmp_path, PLAN="1", STAGES="sweep").stdout.split() == ["sweep", "240", "60"]
+    for smoke, flags in (("", "--device cuda"), ("1", "--steps 2 --device cpu")):
+        (tmp_path / "calls.log").unlink(missing_ok=True)
+        result, calls = _stand_in(tmp_path, "quick", STAGES="sweep", SMOKE=smoke, SUITE_START=str(int(time.time())))
+        assert result.returncode == 0, result.stderr
+        ran = [call for call in calls if "bench_sweep.py" in call]
+        assert ran == [f"scripts/bench_sweep.py {flags} --json {tmp_path / 'scratch' / 'sweep-timing.json'}"]
+        assert "### sweep" in (tmp_path / "out" / "tables.md").read_text()

@@ -15,7 +15,7 @@ from conftest import write_jsonl
 from lora_dpo import reference_cache, sweep as sweep_module, train as train_module
 from lora_dpo.cli import main
 from lora_dpo.config import load_config
-from lora_dpo.errors import ConfigError, Interrupted
+from lora_dpo.errors import ConfigError, Interrupted, LoraDpoError
 from lora_dpo.sweep import SharedPieces, grid_settings, plan_sweep, run_sweep
 
 BETAS = "dpo.beta=0.05,0.1,0.3"
@@ -32,7 +32,7 @@ def setup(llama_dir, demo_rows, tmp_path_factory):
               "data": {"train_file": str(train_file), "eval_fraction": 0.25, "max_length": 64, "max_prompt_length": 24},
               "dpo": {"reference_cache_dir": str(root / "cache")},
               "train": {"micro_batch_size": 3, "gradient_accumulation_steps": 1, "max_steps": 2, "optim": "adamw",
-                        "learning_rate": 1e-3, "eval_every": 1},
+                        "learning_rate": 1e-3, "eval_every": 0},
               "output": {"dir": str(root / "sweep")}}
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -156,7 +156,7 @@ def test_a_sweep_stopped_mid_trial_continues_to_the_same_table(setup, finished, 
     assert (pieces.loads, pieces.data_reads) == (0, 0)
 
 
-def test_the_win_rate_of_eval_json_ranks_the_trials(setup, finished):
+def test_the_win_rate_of_eval_json_ranks_the_trials(setup, finished, monkeypatch, capsys):
     _, config_path = setup
     out = finished[0].out
     judged = {"trial-000": 0.41, "trial-002": 0.58}
@@ -165,11 +165,13 @@ def test_the_win_rate_of_eval_json_ranks_the_trials(setup, finished):
         (out / name / "eval" / "eval.json").write_text(json.dumps(
             {"win_rate": {"win_rate": win_rate, "ci_low": 0.3, "ci_high": 0.7, "n": 64}, "kl": 0.12,
              "length_ratio": 1.08}))
-    pieces = SharedPieces()
-    rows = run_sweep(plan_sweep(config_path, [BETAS], metric="win_rate"), progress=False, pieces=pieces)
-    assert pieces.loads == 0
-    assert [row["win_rate"] for row in rows] == [0.41, None, 0.58]
+    # The trials are finished: the command only reads them again.
+    monkeypatch.setattr("lora_dpo.modeling.load_model", lambda *a: pytest.fail("loaded a model"))
+    assert main(["sweep", config_path, BETAS, "--metric", "win_rate", "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"best: trial-002 (dpo.beta=0.3), win_rate 0.58; adapter in {out / 'trial-002'}")
     rows_csv = table(out)
+    assert [row["win_rate"] for row in rows_csv] == ["0.41", "", "0.58"]
     assert rows_csv[0]["metric (win_rate)"] == "0.41" and rows_csv[0]["kl"] == "0.12"
     assert rows_csv[0]["length_ratio"] == "1.08" and rows_csv[1]["win_rate"] == ""
     assert "Best: **trial-002** (dpo.beta=0.3), win_rate 0.58" in (out / "sweep.md").read_text()
@@ -180,21 +182,58 @@ def test_optuna_searches_ranges_and_continues(setup, monkeypatch):
     root, config_path = setup
     overrides = ["train.learning_rate=1e-4:1e-2:log", "dpo.beta=0.1,0.3", "train.max_steps=1",
                  f"output.dir={root / 'optuna'}"]
-    sweep = plan_sweep(config_path, overrides, search="optuna", trials=3)
+    sweep = plan_sweep(config_path, overrides, search="optuna", trials=2)
     rows = run_sweep(sweep, progress=False)
-    assert [row["trial"] for row in rows] == ["trial-000", "trial-001", "trial-002"]
+    assert [row["trial"] for row in rows] == ["trial-000", "trial-001"]
     for row in rows:
         assert 1e-4 <= float(row["train.learning_rate"]) <= 1e-2 and row["dpo.beta"] in ("0.1", "0.3")
         assert load_config(root / "optuna" / row["trial"] / "config.yaml").train.learning_rate == float(
             row["train.learning_rate"])
         assert row["status"] in ("finished", "pruned")
     pieces = SharedPieces()
-    assert len(run_sweep(plan_sweep(config_path, overrides, search="optuna", trials=3), progress=False,
-                         pieces=pieces)) == 3
+    assert len(run_sweep(plan_sweep(config_path, overrides, search="optuna", trials=2), progress=False,
+                         pieces=pieces)) == 2
     assert pieces.loads == 0
     with pytest.raises(Exception, match="holds another sweep"):
-        run_sweep(plan_sweep(config_path, overrides[1:], search="optuna", trials=3), progress=False)
+        run_sweep(plan_sweep(config_path, overrides[1:], search="optuna", trials=2), progress=False)
 
 
 def test_the_sweep_modules_load_no_optional_dependency():
     assert "optuna" not in sweep_module.__dict__ and "matplotlib" not in sweep_module.__dict__
+
+
+def test_a_failed_trial_is_the_trials_result_and_the_sweep_goes_on(setup, monkeypatch):
+    root, config_path = setup
+
+    def diverge(config, *args, **kwargs):
+        raise LoraDpoError(f"stopped at step 1: 5 steps in a row had a non-finite loss ({config.dpo.beta})")
+
+    monkeypatch.setattr(train_module, "train", diverge)
+    rows = run_sweep(plan_sweep(config_path, ["dpo.beta=0.05,0.1", f"output.dir={root / 'failing'}"]), progress=False)
+    assert [(row["status"], row["error"]) for row in rows] == [
+        ("failed", "stopped at step 1: 5 steps in a row had a non-finite loss (0.05)"),
+        ("failed", "stopped at step 1: 5 steps in a row had a non-finite loss (0.1)")]
+    markdown = (root / "failing" / "sweep.md").read_text()
+    assert "trial-001 failed: stopped at step 1" in markdown and "No finished trial has a loss yet." in markdown
+
+
+def test_an_optuna_trial_stopped_mid_way_resumes_with_its_parameters(setup, monkeypatch):
+    pytest.importorskip("optuna")
+    root, config_path = setup
+    real_step = train_module.train_step
+
+    def stop_at_first_step(run, step):
+        row = real_step(run, step)
+        if step == 1 and not (run.out / "checkpoint-1").exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+        return row
+
+    monkeypatch.setattr(train_module, "train_step", stop_at_first_step)
+    overrides = ["train.learning_rate=1e-4:1e-2:log", f"output.dir={root / 'optuna-stopped'}"]
+    with pytest.raises(Interrupted):
+        run_sweep(plan_sweep(config_path, overrides, search="optuna", trials=1), progress=False)
+    trial = root / "optuna-stopped" / "trial-000"
+    asked = load_config(trial / "config.yaml").train.learning_rate
+    (row,) = run_sweep(plan_sweep(config_path, overrides, search="optuna", trials=1), progress=False)
+    assert (row["trial"], row["status"], float(row["train.learning_rate"])) == ("trial-000", "finished", asked)
+    assert json.loads((trial / "summary.json").read_text())["resumed_from_step"] == 1
