@@ -169,6 +169,10 @@ def load_model(config: Config, device: torch.device) -> Any:
             raise ConfigError(f"lora.target_modules={config.lora.target_modules!r}: {one_line(exc)}. Fix: use "
                               "all-linear, or names of the model's linear layers (e.g. q_proj, v_proj)",
                               key="lora.target_modules") from None
+        if config.dpo.ref_sync_every:
+            from .reference_sync import add_reference_adapter
+
+            add_reference_adapter(model)  # TR-DPO: a frozen adapter the reference lives in, B = 0 (the base) at first
     for name, param in model.named_parameters():
         if param.requires_grad and "lora_" not in name:
             raise LoraDpoError(f"unexpected trainable base parameter {name}")
