@@ -43,8 +43,8 @@ class ModelConfig:
     """Decoder layers to checkpoint, counted from the first; null checkpoints all. Each layer left out skips its recompute (about a third of its backward cost) and keeps its activations in memory."""
     compile: bool = False
     """torch.compile each decoder layer: fewer, fused kernels per step, after a one-time compile in the first steps (off until measured to pay on your setup)."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to transformers."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel: auto lets transformers choose what the model supports (sdpa where it can, else eager; the log names it), or one of sdpa, eager, flash_attention_2."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where to train; auto takes the first CUDA GPU when there is one, else the CPU."""
     trust_remote_code: bool = False
