@@ -1,6 +1,7 @@
 """Checkpoints that survive a kill at any moment, and resuming from them bit for bit.
 
-A checkpoint is a directory ``checkpoint-STEP`` holding the adapter, the optimizer state (also
+A checkpoint is a directory ``checkpoint-STEP`` holding the adapter (and the reference adapter,
+where the model has one), the optimizer state (also
 bitsandbytes' paged 8-bit state), every RNG, the trainer state (the position in the data, counted
 in pairs, and a fingerprint of the data), the metrics so far and the config it was made with. The
 learning-rate schedule is not stored: it is a function of the settings and the step number. It is written into a hidden temporary directory, fsynced, and renamed into
@@ -151,12 +152,14 @@ def write_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, scale
 
     ``copies`` are files copied in as they are (the metrics so far, the config)."""
     from .modeling import save_adapter
+    from .reference_sync import save_reference
 
     final = out_dir / f"{CHECKPOINT_PREFIX}{step}"
     temporary = out_dir / f".tmp-{CHECKPOINT_PREFIX}{step}-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     save_adapter(model, temporary)
+    save_reference(model, temporary)  # TR-DPO moves the reference: a resume needs the one it had
     save_state(optimizer.state_dict(), temporary, "optimizer")
     extra = {"rng": rng_state()}
     if scaler is not None:
@@ -194,6 +197,7 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any, metr
 
     from .errors import one_line
     from .modeling import TRAINED_ADAPTER
+    from .reference_sync import restore_reference
 
     try:
         adapter = load_file(str(path / "adapter_model.safetensors"))
@@ -201,6 +205,7 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any, metr
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise RuntimeError(f"unexpected adapter weights such as {unexpected[0]}")
+        restore_reference(model, path)
         optimizer.load_state_dict(load_state(path, "optimizer"))
         _repage(optimizer)
         loop = load_state(path, "loop")

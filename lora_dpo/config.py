@@ -43,8 +43,8 @@ class ModelConfig:
     """Decoder layers to checkpoint, counted from the first; null checkpoints all. Each layer left out skips its recompute (about a third of its backward cost) and keeps its activations in memory."""
     compile: bool = False
     """torch.compile each decoder layer: fewer, fused kernels per step, after a one-time compile in the first steps (off until measured to pay on your setup)."""
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel passed to transformers."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """Attention kernel: auto lets transformers choose what the model supports (sdpa where it can, else eager; the log names it), or one of sdpa, eager, flash_attention_2."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where to train; auto takes the first CUDA GPU when there is one, else the CPU."""
     trust_remote_code: bool = False
@@ -115,6 +115,8 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 # f-divergence generalises (f-DPO's reparameterisation leaves a beta * log Z(x) term that cancels
 # only in that difference); nll reads no reference, so it is unaffected.
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "rpo", "nll")
+# Losses that read only the policy's log-probs: with these alone, no reference pass is run.
+REFERENCE_FREE_LOSSES = ("simpo", "orpo", "nll")
 # Losses that sort the pairs of a micro-batch, so a per-pair weight (WPO) would meet another pair's loss.
 SORTING_LOSSES = ("aot", "aot_unpaired")
 
@@ -157,6 +159,10 @@ class DPOSettings:
     """LD-DPO: weight in [0, 1] of the response tokens past the shorter response's length in every log-prob (null: 1, no down-weighting); counters DPO's preference for length."""
     logps_chunk_size: int = 512
     """Response tokens whose vocabulary logits are formed at once: lower it to save memory on large vocabularies."""
+    ref_sync_every: int = 0
+    """TR-DPO: every this many steps, move the reference towards the trained adapter (0: the reference stays fixed); see docs/losses.md."""
+    ref_sync_alpha: Optional[float] = None
+    """TR-DPO: share of the trained adapter in each reference update, in (0, 1] (1 makes the reference the policy); null means 0.6."""
     precompute_reference: bool = False
     """Compute the reference log-probs of every pair once before training (cached on disk) instead of every step."""
     reference_cache_dir: str = "~/.cache/lora-dpo/reference"
@@ -292,6 +298,9 @@ class Config:
             (self.dpo.f_divergence_alpha is None or self.dpo.f_divergence_alpha > 0, "dpo.f_divergence_alpha",
              "must be positive"),
             (self.dpo.ld_alpha is None or 0 <= self.dpo.ld_alpha <= 1, "dpo.ld_alpha", "must be in [0, 1] or null"),
+            (self.dpo.ref_sync_every >= 0, "dpo.ref_sync_every", "must be >= 0 (0 keeps the reference fixed)"),
+            (self.dpo.ref_sync_alpha is None or 0 < self.dpo.ref_sync_alpha <= 1, "dpo.ref_sync_alpha",
+             "must be in (0, 1] or null"),
             (self.dpo.logps_chunk_size > 0, "dpo.logps_chunk_size", "must be positive"),
             (self.data.pack_length is None or self.data.pack_length > 0, "data.pack_length", "must be positive or null"),
             (self.data.layout == "padded" or self.model.attn_implementation != "flash_attention_2", "data.layout",
@@ -402,6 +411,16 @@ class Config:
             raise ConfigError(f"dpo.wpo_weighting cannot weight {', '.join(sorting)}: it sorts the pairs of a micro-batch, "
                               "so a pair's weight would meet another pair's loss. Fix: set dpo.wpo_weighting=false, or "
                               "select another loss", key="dpo.wpo_weighting")
+        if dpo.ref_sync_alpha is not None and not dpo.ref_sync_every:
+            raise ConfigError("dpo.ref_sync_alpha is only read when dpo.ref_sync_every is above 0 (TR-DPO). Fix: set "
+                              "dpo.ref_sync_every, e.g. 64, or remove dpo.ref_sync_alpha", key="dpo.ref_sync_alpha")
+        if dpo.ref_sync_every and selected <= set(REFERENCE_FREE_LOSSES):
+            raise ConfigError(f"dpo.ref_sync_every: dpo.loss {described} reads no reference, so there is none to update. "
+                              "Fix: set dpo.ref_sync_every=0, or select a loss with a reference", key="dpo.ref_sync_every")
+        if dpo.ref_sync_every and dpo.precompute_reference:
+            raise ConfigError("dpo.ref_sync_every and dpo.precompute_reference are incompatible: TR-DPO moves the "
+                              "reference during training, a precomputed table holds the reference of the start. Fix: "
+                              "set dpo.precompute_reference=false, or dpo.ref_sync_every=0", key="dpo.ref_sync_every")
         if dpo.ld_alpha is not None and dpo.precompute_reference:
             raise ConfigError("dpo.ld_alpha and dpo.precompute_reference cannot be combined: the precomputed table holds "
                               "whole-response log-probs, not the length-weighted ones LD-DPO compares. Fix: set "

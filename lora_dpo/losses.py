@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from .batching import PairLogps
-from .config import F_DIVERGENCES, DPOSettings
+from .config import F_DIVERGENCES, REFERENCE_FREE_LOSSES, DPOSettings
 
 # Losses that read only the policy's log-probs: with these alone, no reference pass is run.
-REFERENCE_FREE = frozenset({"simpo", "orpo", "nll"})
+REFERENCE_FREE = frozenset(REFERENCE_FREE_LOSSES)
 
 
 # Defaults of the optional per-loss hyper-parameters (dpo.<name>: null means these).

@@ -97,7 +97,9 @@ def load_base(model_config: ModelConfig, device: torch.device, dtype: torch.dtyp
     On CPU, 4-bit layers keep the layout whose backward is exact (``keep_cpu_4bit_trainable``).
     ``attn_implementation`` is explicit at every call: training passes the run's kernel, while a
     merge passes None (transformers' default), so a CPU merge of a flash-attention run needs no
-    flash-attn. ``what`` and ``fix`` word the one-line error when the model cannot be read.
+    flash-attn. "auto" is None too, with a log line naming the kernel transformers chose; an
+    explicit kernel the model does not support is a ConfigError naming the ones it does.
+    ``what`` and ``fix`` word the one-line error when the model cannot be read.
     """
     from transformers import AutoModelForCausalLM
 
@@ -106,23 +108,49 @@ def load_base(model_config: ModelConfig, device: torch.device, dtype: torch.dtyp
         raise ValueError("a 4-bit base needs its compute dtype")
     kwargs: dict[str, Any] = dict(revision=model_config.revision, trust_remote_code=model_config.trust_remote_code,
                                   dtype=dtype, device_map={"": str(device)})
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
+    kernel = None if attn_implementation == "auto" else attn_implementation
+    if kernel is not None:
+        kwargs["attn_implementation"] = kernel
     if four_bit:
         kwargs["quantization_config"] = four_bit_config(model_config, dtype)
     try:
         base = AutoModelForCausalLM.from_pretrained(model_config.name_or_path, **kwargs)
     except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
-        if attn_implementation is None:
+        if kernel is None:
             raise
-        raise ConfigError(f"model.attn_implementation={attn_implementation}: {one_line(exc)}. "
-                          "Fix: install what it names, or use model.attn_implementation=sdpa",
+        raise ConfigError(f"model.attn_implementation={kernel}: {one_line(exc)}. "
+                          "Fix: install what it names, or use model.attn_implementation=auto",
                           key="model.attn_implementation") from None
     except (OSError, ValueError) as exc:
+        if kernel is not None and "attention implementation" in str(exc):
+            raise ConfigError(_unsupported_kernel(model_config, kernel), key="model.attn_implementation") from None
         raise LoraDpoError(_not_found(model_config.name_or_path, what, exc, fix)) from None
+    if attn_implementation == "auto":
+        log.info("model.attn_implementation=auto: transformers runs %s with %s attention", type(base).__name__,
+                 getattr(base.config, "_attn_implementation", "its default"))
     if four_bit and device.type == "cpu":
         keep_cpu_4bit_trainable(base)
     return base.eval()
+
+
+def _unsupported_kernel(model_config: ModelConfig, kernel: str) -> str:
+    """The one-line error for an attention kernel the model's class does not implement, naming the
+    values of model.attn_implementation that its class does (from transformers' _supports_* flags)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    working, name = ["auto", "eager"], model_config.name_or_path
+    try:
+        config = AutoConfig.from_pretrained(name, revision=model_config.revision,
+                                            trust_remote_code=model_config.trust_remote_code)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        name = model_class.__name__
+        working += [value for value, flag in (("sdpa", "_supports_sdpa"), ("flash_attention_2", "_supports_flash_attn"))
+                    if getattr(model_class, flag, False)]
+    except (KeyError, OSError, ValueError):  # remote code or an unmapped config: eager always works
+        pass
+    return (f"model.attn_implementation={kernel}: {name} does not implement {kernel} attention. Fix: set "
+            f"model.attn_implementation to one of {', '.join(working)} (auto lets transformers choose)")
 
 
 def load_model(config: Config, device: torch.device) -> Any:
@@ -174,6 +202,10 @@ def load_model(config: Config, device: torch.device) -> Any:
             raise ConfigError(f"lora.target_modules={config.lora.target_modules!r}: {one_line(exc)}. Fix: use "
                               "all-linear, or names of the model's linear layers (e.g. q_proj, v_proj)",
                               key="lora.target_modules") from None
+        if config.dpo.ref_sync_every:
+            from .reference_sync import add_reference_adapter
+
+            add_reference_adapter(model)  # TR-DPO: a frozen adapter the reference lives in, B = 0 (the base) at first
     for name, param in model.named_parameters():
         if param.requires_grad and "lora_" not in name:
             raise LoraDpoError(f"unexpected trainable base parameter {name}")

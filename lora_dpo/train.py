@@ -253,6 +253,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     **_rules("refused", "the starting adapter and the reference", "model.init_adapter"),
     **_rules("refused", "the adapter's shape and scaling", "lora.*"),
     **_rules("refused", "the layout of the optimizer state", "train.optim"),
+    **_rules("refused", "whether the reference follows the trained adapter (TR-DPO)", "dpo.ref_sync_every"),
     **_rules("refused", "the held-out split and the order of the pairs", "train.seed"),
     # checked: refused when the tokenized pairs differ from the checkpoint's fingerprint of them.
     **_rules("checked", _PAIRS, "data.train_file", "data.train_split", "data.eval_file", "data.eval_split",
@@ -266,7 +267,7 @@ RESUME_RULES: dict[str, tuple[str, str]] = {
     **_rules("applied", "the update", "train.weight_decay", "train.max_grad_norm"),
     **_rules("applied", "the loss", "dpo.loss", "dpo.losses", "dpo.beta", "dpo.label_smoothing", "dpo.robust_epsilon",
              "dpo.rpo_alpha", "dpo.simpo_gamma", "dpo.orpo_lambda", "dpo.discopop_tau", "dpo.f_divergence",
-             "dpo.f_divergence_alpha", "dpo.wpo_weighting", "dpo.ld_alpha"),
+             "dpo.f_divergence_alpha", "dpo.wpo_weighting", "dpo.ld_alpha", "dpo.ref_sync_alpha"),
     **_rules("applied", "the rounding of every computation", "model.compute_dtype"),
     **_rules("applied", "the batches of the next epochs", "data.group_by_length"),
     **_rules("applied", "what the run writes and when it stops", "train.eval_every", "train.save_every",
@@ -661,12 +662,18 @@ def fresh_adapter(model: Any, config: Config) -> None:
     from peft.tuners.lora import LoraLayer
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
+    from .reference_sync import add_reference_adapter, copy_adapter
+
     settings = model.peft_config[TRAINED_ADAPTER]
-    if bool(config.model.init_adapter) != (REFERENCE_ADAPTER in model.peft_config):
+    has_reference = REFERENCE_ADAPTER in model.peft_config
+    # A reference adapter without model.init_adapter is TR-DPO's, which starts as the base (B = 0).
+    tr_dpo_reference = not config.model.init_adapter and (config.dpo.ref_sync_every or has_reference)
+    if bool(config.model.init_adapter) != has_reference and not tr_dpo_reference:
         raise LoraDpoError("the model passed in was loaded with another model.init_adapter than the config names. "
                            "Fix: load it with modeling.load_model under this config")
     if config.model.init_adapter:
         set_peft_model_state_dict(model, load_peft_weights(config.model.init_adapter), adapter_name=TRAINED_ADAPTER)
+        copy_adapter(model, TRAINED_ADAPTER, REFERENCE_ADAPTER)  # TR-DPO may have moved it in the last run
         return
     wanted = {"lora.r": config.lora.r, "lora.alpha": config.lora.alpha, "lora.dropout": config.lora.dropout}
     loaded = {"lora.r": settings.r, "lora.alpha": settings.lora_alpha, "lora.dropout": settings.lora_dropout}
@@ -677,6 +684,9 @@ def fresh_adapter(model: Any, config: Config) -> None:
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.reset_lora_parameters(TRAINED_ADAPTER, settings.init_lora_weights)
+    if tr_dpo_reference:
+        add_reference_adapter(model)
+        copy_adapter(model, TRAINED_ADAPTER, REFERENCE_ADAPTER)
 
 
 def _reference_tables(config: Config, model: Any, data: PreferenceData, compute_dtype: torch.dtype,
@@ -756,6 +766,8 @@ def run_loop(run: Run, progress: bool | None = None,
                     on_evaluation(row)
             if run.samples is not None and (step % config.train.sample_every == 0 or last):
                 write_samples(run.model, run.tokenizer, run.samples, config, step, run.out)
+            if config.dpo.ref_sync_every and step % config.dpo.ref_sync_every == 0 and not last:
+                update_reference(run, step)
             save_now = config.train.save_every and step % config.train.save_every == 0
             if (save_now or stop.requested) and not last:
                 saved = save_checkpoint(run, step)
@@ -793,6 +805,18 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
                       "tokens_per_s": tokens / seconds, "seconds": seconds, "skipped": not applied,
                       **_memory(run.device)}
     return run.last_train
+
+
+def update_reference(run: Run, step: int) -> None:
+    """TR-DPO: move the reference adapter towards the trained one (``reference_sync.sync_reference``).
+    After the step's evaluation, which still measures against the reference the step trained with,
+    and before its checkpoint, which then holds the new reference."""
+    from .reference_sync import DEFAULT_SYNC_ALPHA, sync_reference
+
+    alpha = DEFAULT_SYNC_ALPHA if run.config.dpo.ref_sync_alpha is None else run.config.dpo.ref_sync_alpha
+    error = sync_reference(run.model, alpha)
+    log.info("step %d: reference moved towards the trained adapter (alpha %g; worst layer's rank truncation error "
+             "%.2g)", step, alpha, error)
 
 
 def _stop_after_bad_steps(run: Run, step: int) -> None:

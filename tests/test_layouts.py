@@ -10,12 +10,14 @@ own plain forward. Families whose layers cannot take the masks are refused with 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LlamaModel
 
 from conftest import make_config
-from tiny_families import WINDOW, WINDOW_FAMILIES, plain_logps, tiny_model
+from tiny_families import ARCHITECTURES, WINDOW, WINDOW_FAMILIES, plain_logps, tiny_model
 from lora_dpo.batching import LAYOUTS, collate, layout_length, length_grouped_batches, pair_logps
 from lora_dpo.data import DataReport, PreferenceExample, TokenizedPair, tokenize_examples
 from lora_dpo.errors import ConfigError
@@ -260,3 +262,64 @@ def test_masked_layouts_refuse_a_window_that_remote_code_applies_its_own_way(pai
         pair_logps(model, collate(pairs, pad_token_id=0, layout="packed"))
     with torch.no_grad():
         pair_logps(model, collate(pairs, pad_token_id=0))  # padded leaves the window to the model
+
+
+# ---------------------------------------------------------------------------------------------
+# The architecture matrix: every family hobbyists train, on the real 4-bit path, every layout
+
+_g = torch.Generator().manual_seed(0)
+MATRIX_PAIRS = [TokenizedPair([1] + torch.randint(3, 800, (7,), generator=_g).tolist(),
+                              torch.randint(3, 800, (12,), generator=_g).tolist() + [2],
+                              torch.randint(3, 800, (5,), generator=_g).tolist() + [2]),
+                TokenizedPair([1] + torch.randint(3, 800, (3,), generator=_g).tolist(),
+                              torch.randint(3, 800, (4,), generator=_g).tolist() + [2],
+                              torch.randint(3, 800, (14,), generator=_g).tolist() + [2])]
+
+
+def _installed(model_type: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+@pytest.mark.parametrize("family", [f for f, (model_type, _) in ARCHITECTURES.items() if _installed(model_type)])
+def test_each_family_trains_through_every_layout_on_the_4bit_path(family, tmp_path):
+    """The family saved and loaded as training loads it (4-bit NF4, LoRA, model.attn_implementation
+    auto): each layout's per-pair log-probs equal the model's own full-logits forward of each
+    sequence alone (sequences of up to 19 tokens against windows of 8), then one optimizer step
+    per layout applies a finite update to every LoRA matrix. Gradient
+    checkpointing is off to keep the matrix cheap: it changes no number (test_checkpoint_layers)."""
+    from lora_dpo.train import DpoStep, build_scheduler
+
+    model_type, overrides = ARCHITECTURES[family]
+    tiny_model(model_type, attn=None, **overrides).save_pretrained(tmp_path / "model")
+    assert max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in MATRIX_PAIRS) > 2 * WINDOW
+    config = make_config(tmp_path / "model", tmp_path / "unused.jsonl", tmp_path / "out", "model.device=cpu",
+                         "lora.r=4", "model.gradient_checkpointing=false")
+    torch.manual_seed(0)
+    model = load_model(config, torch.device("cpu"))
+    assert config.model.load_in_4bit and config.model.attn_implementation == "auto"
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter matter
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    model.eval()
+    with torch.no_grad():
+        alone = [(plain_logps(model, p.prompt_ids, p.chosen_ids).item(), plain_logps(model, p.prompt_ids, p.rejected_ids).item())
+                 for p in MATRIX_PAIRS]
+        for layout in LAYOUTS:
+            got = pair_logps(model, collate(MATRIX_PAIRS, pad_token_id=0, layout=layout))
+            for i, (chosen, rejected) in enumerate(alone):
+                assert got.chosen[i].item() == pytest.approx(chosen, abs=1e-4), (layout, i)
+                assert got.rejected[i].item() == pytest.approx(rejected, abs=1e-4), (layout, i)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    scheduler = build_scheduler(config, optimizer, 0, len(LAYOUTS))
+    model.train()
+    for layout in LAYOUTS:
+        step = DpoStep(dataclasses.replace(config, data=dataclasses.replace(config.data, layout=layout)), model,
+                       optimizer, scheduler, None, torch.device("cpu"), pad_id=0)
+        metrics, applied, bad = step(MATRIX_PAIRS, [[0, 1]], None)
+        assert applied and not bad and metrics["grad_norm"] > 0, (layout, metrics)
+    assert all(not torch.equal(p, old) for p, old in zip(trainable, before))  # every LoRA matrix was updated

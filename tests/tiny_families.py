@@ -43,6 +43,27 @@ WINDOW_FAMILIES = {
 }
 
 
+# The families hobbyists train (docs/training.md), as the architecture matrix of test_layouts.py
+# builds them: label -> (model_type, overrides). Sliding windows shorter than the test sequences
+# where the family has them, and logit transforms far from 1 where it scales or caps its logits.
+ARCHITECTURES = {
+    # Llama 3.2 and SmolLM: Llama with tied embeddings; Llama 3's rope scaling.
+    "llama3/smollm": ("llama", dict(tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "qwen2.5": ("qwen2", WINDOW_FAMILIES["qwen2"]),
+    "qwen3": ("qwen3", WINDOW_FAMILIES["qwen3"]),
+    "mistral": ("mistral", WINDOW_FAMILIES["mistral"]),
+    "gemma2": ("gemma2", dict(sliding_window=WINDOW, layer_types=MIXED, final_logit_softcapping=0.5)),
+    "gemma3": ("gemma3_text", dict(WINDOW_FAMILIES["gemma3_text"], final_logit_softcapping=0.5)),
+    "phi3/phi4": ("phi3", WINDOW_FAMILIES["phi3"]),
+    "olmo2": ("olmo2", {}),
+    "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),  # learned absolute positions
+    "granite": ("granite", dict(logits_scaling=8.0)),
+    "cohere": ("cohere", dict(logit_scale=4.0)),
+}
+
+
 def tiny_model(model_type: str, seed: int = 0, attn: str | None = "sdpa", **overrides):
     """``attn`` None leaves the family's default kernel (recurrent models have no sdpa)."""
     from transformers import AutoConfig, AutoModelForCausalLM
