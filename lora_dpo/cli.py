@@ -177,11 +177,14 @@ def _run(args: argparse.Namespace) -> int:
         if not (base / "config.json").is_file():
             logging.info("building the tiny demo model in %s (a few seconds of pre-training)", base)
             build_demo_base(base, pretrain_steps=DEMO_PRETRAIN_STEPS)
+    from .distributed import launched_as_main
     from .train import train
 
     if args.resume:
         config.train.resume = "always"
     summary = train(config, overwrite=args.overwrite, progress=False if args.no_progress else None)
+    if not launched_as_main():
+        return 0  # under accelerate launch, the main process reports (and runs the demo's comparison)
     for line in summary.lines():
         print(line)
     if args.command == "demo":
