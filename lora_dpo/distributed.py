@@ -22,7 +22,8 @@ What the loop calls, and why it has to:
 - ``Processes.stop_signal(number)``: a signal that reached any one process stops them all at
   the same step, with one checkpoint.
 - ``Processes.shard(n)`` / ``Processes.gather_rows(values, n)``: evaluation and the reference
-  precompute each score a share of the pairs; the rows are gathered back into pair order.
+  precompute each score a share of the pairs; the rows are gathered back into pair order
+  (``gather_items`` for Python values: ``lora-dpo generate`` shards its prompts the same way).
 - ``Processes.rng_states()``: every process's RNG, so a resume continues each one exactly.
 - ``Processes.wait()`` and ``main_first()``: the main process does every write.
 
@@ -144,6 +145,15 @@ class Processes:
         parts = parts.reshape(self.count, longest, *values.shape[1:])
         # Item i is row i // count of rank i % count.
         return parts.transpose(0, 1).reshape(self.count * longest, *values.shape[1:])[:size].to(values.device)
+
+    def gather_items(self, items: list[Any], size: int) -> list[Any]:
+        """Python values computed for ``shard(size)`` on every process (answers to prompts),
+        gathered in item order on every process (pickled in transit, as torch.distributed does)."""
+        if self.count == 1:
+            return items
+        parts: list[Any] = [None] * self.count
+        torch.distributed.all_gather_object(parts, items)
+        return [parts[i % self.count][i // self.count] for i in range(size)]
 
     # -- agreement ---------------------------------------------------------------------------
 

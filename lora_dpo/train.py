@@ -595,6 +595,11 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
     state = _open_output(out, resume_from, model, optimizer, scaler, changes, processes)
     if resume_from is not None:
         _apply_current_settings(optimizer, config)
+        if state.get("processes", 1) != processes.count:
+            log.warning("resuming a run of %d processes with %d: it goes on from the same pair, with steps %g times "
+                        "as large as before (docs/distributed.md)", state.get("processes", 1), processes.count,
+                        processes.count / state.get("processes", 1))
+    state["processes"] = processes.count
 
     train_config = config.train
     # One stream on every process: each step holds the global batch, shared out by DpoStep.

@@ -2,9 +2,9 @@
 way torchrun and accelerate launch start them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
 One spawn of two processes runs every scenario, because starting them is most of the cost:
-a DDP run (the reference pass under the wrapper checked against the plain base), a run that
-one process is SIGTERMed in and both resume, and the sharded reference precompute. The parent
-compares them with one process running the same global batch.
+a DDP run (the reference pass under the wrapper checked against the plain base), generation from
+its adapter, a run that one process is SIGTERMed in and both resume, and the sharded reference
+precompute. The parent compares them with one process running the same work.
 """
 
 from __future__ import annotations
@@ -83,6 +83,9 @@ def worker(rank: int, port: int, model_dir: str, train_file: str, root: str) -> 
     report["reference_vs_base"] = float((reference.chosen - plain.chosen).abs().max()
                                         + (reference.rejected - plain.rejected).abs().max())
     report["policy_vs_base"] = float((policy.chosen - plain.chosen).abs().max())
+    # generate shards its prompts: three prompts over two processes, the main one writes the file.
+    from lora_dpo.cli import main
+    report["generate"] = main(generate_words(root_path / "ddp", root_path / f"answers-ddp-{rank}.jsonl"))
 
     # SIGTERM to process 1 alone, after step 1: both stop there with one checkpoint, then resume.
     stopped = root_path / "stopped"
@@ -111,6 +114,14 @@ def worker(rank: int, port: int, model_dir: str, train_file: str, root: str) -> 
     train_module.setup_run(config_for(model_dir, train_file, root_path / "precompute", "dpo.precompute_reference=true",
                                       f"dpo.reference_cache_dir={root_path / 'cache-ddp'}"))
     (root_path / f"rank-{rank}.json").write_text(json.dumps(report), encoding="utf-8")
+
+
+def generate_words(run_dir: Path, output: Path) -> list[str]:
+    words = ["generate", str(run_dir), "--compare", "--device", "cpu", "--max-new-tokens", "6", "--temperature", "1",
+             "--no-progress", "--output", str(output)]
+    for prompt in ("Tell me about bread.", "Why are owls quiet?", "A tip about snow?"):
+        words += ["--prompt", prompt]
+    return words
 
 
 def free_port() -> int:
@@ -173,6 +184,17 @@ def test_a_signal_to_one_process_stops_both_with_a_checkpoint_that_resumes(runs)
     a, b = adapter(root / "stopped"), adapter(root / "ddp")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_generate_shards_its_prompts_and_gives_the_answers_of_one_process(runs, capsys):
+    from lora_dpo.cli import main
+
+    root, reports = runs[0], runs[3]
+    assert [r["generate"] for r in reports] == [0, 0]
+    assert not (root / "answers-ddp-1.jsonl").exists()  # only the main process writes
+    assert main(generate_words(root / "ddp", root / "answers-single.jsonl")) == 0
+    want = (root / "answers-single.jsonl").read_text().splitlines()
+    assert len(want) == 3 and (root / "answers-ddp-0.jsonl").read_text().splitlines() == want
 
 
 def test_the_sharded_reference_precompute_is_the_single_process_table(runs, llama_dir):
