@@ -215,8 +215,8 @@ def processes(device: torch.device) -> Processes:
 
     Launched with N processes: accelerate sets up the process group (NCCL on GPUs, gloo on CPUs)
     and gives this process ``cuda:LOCAL_RANK`` (or the CPU), where the whole base is loaded. Its
-    mixed-precision setting is not used: model.compute_dtype decides, as on one GPU. On the
-    processes other than the main one, lora-dpo logs warnings only.
+    mixed-precision and dynamo settings are not used: model.compute_dtype and model.compile
+    decide, as on one GPU. On the processes other than the main one, lora-dpo logs warnings only.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Processes(device=device)
@@ -228,7 +228,9 @@ def processes(device: torch.device) -> Processes:
         raise LoraDpoError("this accelerate config shards the model (FSDP or DeepSpeed), which lora-dpo does not "
                            "support yet: every process must hold the whole 4-bit base. Fix: launch with "
                            "configs/accelerate/ddp.yaml (docs/distributed.md)")
-    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no",
+    # Precision and compilation are lora-dpo's settings (model.compute_dtype, model.compile), not
+    # the accelerate config's: its autocast or torch.compile around the scorer would change them.
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no", dynamo_backend="no",
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False,
                                                                              broadcast_buffers=False)])
     if accelerator.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
