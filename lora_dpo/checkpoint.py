@@ -147,10 +147,12 @@ def remove_partial_writes(out_dir: Path) -> None:
 
 
 def write_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, scaler: Any, trainer_state: dict[str, Any],
-                     copies: Sequence[Path], keep_last: int) -> Path:
+                     copies: Sequence[Path], keep_last: int, rank_rngs: list[dict[str, Any]] | None = None) -> Path:
     """Atomically write checkpoint-STEP, then delete all but the newest ``keep_last`` checkpoints.
 
-    ``copies`` are files copied in as they are (the metrics so far, the config)."""
+    ``copies`` are files copied in as they are (the metrics so far, the config). ``rank_rngs``:
+    the RNG state of every process of a multi-process run, in rank order (the main process
+    writes the checkpoint; the others' dropout streams must continue too)."""
     from .modeling import save_adapter
     from .reference_sync import save_reference
 
@@ -161,7 +163,9 @@ def write_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, scale
     save_adapter(model, temporary)
     save_reference(model, temporary)  # TR-DPO moves the reference: a resume needs the one it had
     save_state(optimizer.state_dict(), temporary, "optimizer")
-    extra = {"rng": rng_state()}
+    extra: dict[str, Any] = {"rng": rng_state()}
+    if rank_rngs is not None:
+        extra["rank_rngs"] = rank_rngs
     if scaler is not None:
         extra["scaler"] = scaler.state_dict()
     save_state(extra, temporary, "loop")
@@ -187,11 +191,13 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def restore_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any, metrics_path: Path) -> dict[str, Any]:
+def restore_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any, metrics_path: Path | None,
+                       rank: int = 0) -> dict[str, Any]:
     """Load everything write_checkpoint saved; returns the trainer state (step, data position...).
 
     The optimizer comes back with the hyper-parameters it was saved with; the caller decides which
-    current settings replace them."""
+    current settings replace them. The metrics so far are copied to ``metrics_path`` (None: not,
+    on the processes that do not write); process ``rank`` gets its own RNG state back."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -215,11 +221,14 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any, metr
                            "to start again") from None
     if scaler is not None and "scaler" in loop:
         scaler.load_state_dict(loop["scaler"])
-    if (path / "metrics.jsonl").exists():
+    if metrics_path is None:
+        pass
+    elif (path / "metrics.jsonl").exists():
         shutil.copyfile(path / "metrics.jsonl", metrics_path)
     else:
         metrics_path.write_text("", encoding="utf-8")
-    set_rng_state(loop["rng"])
+    rank_rngs = loop.get("rank_rngs")
+    set_rng_state(rank_rngs[rank] if rank_rngs and rank < len(rank_rngs) else loop["rng"])
     return read_trainer_state(path)
 
 

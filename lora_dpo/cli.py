@@ -262,11 +262,14 @@ def _run(args: argparse.Namespace) -> int:
         # the user's --overwrite collects again; replacing the demo's earlier run reuses its pairs
         config = collect_demo_pairs(config, overwrite=args.overwrite, progress=not args.no_progress)
         args.overwrite = replacing or args.overwrite
+    from .distributed import launched_as_main
     from .train import train
 
     if args.resume:
         config.train.resume = "always"
     summary = train(config, overwrite=args.overwrite, progress=False if args.no_progress else None)
+    if not launched_as_main():
+        return 0  # under accelerate launch, the main process reports (and runs the demo's comparison)
     for line in summary.lines():
         print(line)
     if args.command == "demo":

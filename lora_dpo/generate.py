@@ -25,10 +25,11 @@ from typing import Any, Optional
 
 
 from .data import Text, encode_prompt
+from .distributed import processes as launched_processes
 from .errors import DataError, LoraDpoError
 from .generation import SamplingSettings, sample
 from .modeling import InferenceModel as Generator
-from .modeling import check_finished_run, load_inference_model
+from .modeling import check_finished_run, load_inference_model, resolve_device
 from .prompts import Prompt, PromptReport
 from .prompts import read_prompts as read_prompts_file
 
@@ -95,7 +96,11 @@ def read_prompts(texts: list[str], prompts_file: Optional[str], column: str, on_
 
 
 def run_generate_command(args: Any) -> int:
-    """``lora-dpo generate``: answers printed to stdout, and written to --output as JSON lines."""
+    """``lora-dpo generate``: answers printed to stdout, and written to --output as JSON lines.
+
+    Under ``accelerate launch`` each process loads the model on its own device and answers every
+    ``count``-th prompt of each chunk; the main process prints and writes them all, in order. An
+    answer's random stream is named by its prompt's index, so the answers are those of one process."""
     settings = SamplingSettings(args.max_new_tokens, args.temperature, args.top_p, args.top_k,
                                 args.repetition_penalty, args.seed, args.num_samples, tuple(args.stop))
     settings.check()
@@ -108,7 +113,8 @@ def run_generate_command(args: Any) -> int:
                            "Fix: give plain-text prompts, or drop --no-chat-template")
     if args.output:
         check_output_file(Path(args.output))
-    generator = load_generator(args.model, args.base, args.device, args.dtype)
+    processes = launched_processes(resolve_device(args.device, "--device"))
+    generator = load_generator(args.model, args.base, processes.device, args.dtype)
     if args.compare and not generator.has_adapter:
         raise LoraDpoError(f"--compare needs an adapter directory, and {args.model} holds no adapter_config.json. "
                            "Fix: point at the adapter (the training run's output.dir), or drop --compare")
@@ -120,29 +126,36 @@ def run_generate_command(args: Any) -> int:
             raise DataError(f"{prompt.where}: {exc}") from None
     width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 0
     labels = ("base", "adapter") if args.compare else ("response",)
-    print(f"# {generator.description}")
+    main = processes.is_main
+    if main:
+        print(f"# {generator.description}")
 
     from tqdm.auto import tqdm
 
     n = settings.num_samples
     chunk = max(1, args.batch_size // n) * CHUNK_BATCHES
-    show_bar = not args.no_progress and sys.stderr.isatty()
-    output = Path(args.output).open("w", encoding="utf-8") if args.output else None
+    show_bar = not args.no_progress and sys.stderr.isatty() and main
+    output = Path(args.output).open("w", encoding="utf-8") if args.output and main else None
     try:
         with tqdm(total=len(prompts) * len(labels), desc="generate", unit="prompt", dynamic_ncols=True,
                   leave=False, disable=not show_bar) as bar:
             for start in range(0, len(prompts), chunk):
                 part = prompts[start:start + chunk]
+                mine = processes.shard(len(part))  # every prompt of the chunk, alone
                 answers = {}
                 for label in labels:
                     # The base's answers: the same model with the adapter switched off, same streams.
                     off = generator.model.disable_adapter() if label == "base" else contextlib.nullcontext()
                     with off:
-                        answers[label] = sample(generator.model, generator.tokenizer, ids[start:start + chunk],
-                                                settings, prompt_indices=[p.index for p in part],
-                                                batch_size=args.batch_size, progress=bar)
+                        found = sample(generator.model, generator.tokenizer, [ids[start + k] for k in mine],
+                                       settings, prompt_indices=[part[k].index for k in mine],
+                                       batch_size=args.batch_size, progress=bar)
+                    answers[label] = processes.gather_items([[answer.text for answer in got] for got in found],
+                                                            len(part))
+                if not main:
+                    continue
                 for k, prompt in enumerate(part):
-                    texts = {label: [answer.text for answer in answers[label][k]] for label in labels}
+                    texts = {label: answers[label][k] for label in labels}
                     tqdm.write(format_prompt(start + k, len(prompts), prompt.text, texts, width))
                     if output is not None:
                         values = {label: texts[label][0] if n == 1 else texts[label] for label in labels}

@@ -75,25 +75,35 @@ class ReferenceTable:
 
 def reference_logps_for(model: Any, pairs: Sequence[TokenizedPair], model_config: Any, compute_dtype: torch.dtype,
                         pad_token_id: int, cache_dir: str | Path, micro_batch_size: int = 8,
-                        layout: str = "padded", chunk_size: int = 512, pack_length: int | None = None) -> ReferenceTable:
+                        layout: str = "padded", chunk_size: int = 512, pack_length: int | None = None,
+                        processes: Any = None) -> ReferenceTable:
     """Reference log-probs of ``pairs``: read from ``cache_dir`` when present, else computed and saved there.
 
     ``model_config`` is the run's ``ModelConfig`` (it names the base, adapter and quantization);
-    ``compute_dtype`` is the resolved dtype (``modeling.resolve_compute_dtype``).
+    ``compute_dtype`` is the resolved dtype (``modeling.resolve_compute_dtype``). ``processes``
+    (``distributed.Processes``) of a multi-process run: the file is read only when every process
+    finds it; otherwise each computes its share of the pairs, the rows are gathered in pair
+    order on every process, and the main process writes the one file.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     key = reference_cache_key(model_config, compute_dtype, pairs, layout, pack_length,
                               getattr(base.config, "_attn_implementation", None))
     path = cache_path(cache_dir, key)
     table = _load(path, key, pairs)
+    if processes is not None and not processes.all(table is not None):
+        table = None  # a machine of the run without the file: all compute, so none waits alone
     if table is not None:
         log.info("reference log-probs of %d pairs read from %s", len(pairs), path)
         return table
     started = time.perf_counter()
-    table = compute_reference_logps(model, pairs, pad_token_id, compute_dtype, micro_batch_size, layout, chunk_size,
-                                    pack_length)
+    mine = processes.shard(len(pairs)) if processes is not None else range(len(pairs))
+    table = compute_reference_logps(model, [pairs[i] for i in mine], pad_token_id, compute_dtype, micro_batch_size,
+                                    layout, chunk_size, pack_length)
+    if processes is not None:
+        table = ReferenceTable(*(processes.gather_rows(getattr(table, name), len(pairs)) for name in TENSOR_NAMES))
     table.key = key
-    _save(table, path, key)
+    if processes is None or processes.is_main:
+        _save(table, path, key)
     log.info("reference log-probs of %d pairs computed in %.1f s, saved to %s", len(pairs),
              time.perf_counter() - started, path)
     return table

@@ -23,6 +23,10 @@ hands out each step's pairs; the output directory is written only by ``_open_out
 data audit, and the trackers' files), ``record``, ``write_samples`` (train.sample_every),
 ``save_checkpoint`` and ``finish_run``; work on the finished run follows ``finish_run``, and the
 report (``report.write_report``) comes last.
+
+Under ``accelerate launch`` every process runs this same loop; ``run.processes``
+(lora_dpo/distributed.py) shares out each step's micro-batches, wraps the model in DDP, adds up
+the metrics over the processes, and leaves every write to the main process.
 """
 
 from __future__ import annotations
@@ -47,11 +51,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .batching import PairLogps, collate, length_grouped_batches, pair_logps, score_pairs
+from .batching import PairLogps, collate, length_grouped_batches, score_pairs
 from .checkpoint import (CHECKPOINT_PREFIX, complete_checkpoints, read_trainer_state, remove_partial_writes,
-                         restore_checkpoint, write_checkpoint)
+                         restore_checkpoint, rng_state, write_checkpoint)
 from .config import Config, load_config, save_config
 from .data import PreferenceData, TokenizedPair, read_preference_examples, tokenize_preference_data, write_data_audit
+from .distributed import Processes, processes as launched_processes
 from .errors import Interrupted, LoraDpoError, one_line
 from .losses import PreferenceLoss, needs_reference, preference_loss, reward_definition
 from .memory import auto_batch_as_saved, planner_hint, resolve_auto_batch
@@ -514,6 +519,8 @@ class Run:
     """The prompts train.sample_every answers; None when it is 0."""
     tracker: Trackers = field(default_factory=lambda: Trackers([]))
     """The experiment trackers of output.report_to."""
+    processes: Processes = field(default_factory=Processes)
+    """The processes of an ``accelerate launch`` (lora_dpo/distributed.py); alone by default."""
 
     @property
     def metrics_path(self) -> Path:
@@ -540,6 +547,8 @@ def train(config: Config, overwrite: bool = False, progress: bool | None = None,
             summary = finish_run(run)
         finally:
             run.tracker.close()
+    if not run.processes.is_main:
+        return summary  # under a launcher the main process evaluates and reports
     out = run.out
     if config.eval.after_training:
         del run  # the training copy of the model: the evaluation loads the finished run as inference does
@@ -600,10 +609,14 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
     if resume_from is not None:
         changes = check_resume_settings(resume_from, out, config)
         saved_state = read_trainer_state(resume_from)
+    processes = launched_processes(resolve_device(config.model.device))
+    device = processes.device
+    # Every process starts from the same LoRA weights (DDP broadcasts the main one's anyway);
+    # after loading, each process reseeds, so that their dropout masks differ.
     _seed_everything(config.train.seed)
-    device = resolve_device(config.model.device)
     if data is None:
-        examples = read_preference_examples(config.data, config.train.seed)
+        with processes.main_first():
+            examples = read_preference_examples(config.data, config.train.seed)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
         data = tokenize_preference_data(examples, config.data, tokenizer)
         for report in data.reports:
@@ -620,6 +633,8 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
     # Also on a model just loaded: loading draws from the RNG, so only adapter weights drawn after a
     # reseed make a sweep's trial on a loaded base start exactly where a lone run of it starts.
     fresh_adapter(model, config)
+    if processes.count > 1:
+        _seed_everything(config.train.seed + processes.rank)
     # Anything that picks settings by trying the model (a micro-batch size that fits) runs here:
     # the model and data exist, and nothing below has counted in micro-batches yet.
     if config.train.micro_batch_size == "auto":
@@ -628,31 +643,43 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
     # float16 gradients of small LoRA updates underflow without loss scaling; bfloat16 needs none.
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
     optimizer = build_optimizer(config, trainable_parameters(model), device)
-    reference_tables = _reference_tables(config, model, data, compute_dtype, tokenizer.pad_token_id)
-    state = _open_output(out, resume_from, model, optimizer, scaler, changes)
+    reference_tables = _reference_tables(config, model, data, compute_dtype, tokenizer.pad_token_id, processes)
+    processes.wait()  # every process has checked the output directory before the main one writes to it
+    state = _open_output(out, resume_from, model, optimizer, scaler, changes, processes)
     if resume_from is not None:
         _apply_current_settings(optimizer, config)
+        if state.get("processes", 1) != processes.count:
+            log.warning("resuming a run of %d processes with %d: it goes on from the same pair, with steps %g times "
+                        "as large as before (docs/distributed.md)", state.get("processes", 1), processes.count,
+                        processes.count / state.get("processes", 1))
+    state["processes"] = processes.count
 
     train_config = config.train
-    stream = PairStream(data.train, train_config.micro_batch_size, train_config.gradient_accumulation_steps,
-                        train_config.seed, config.data.group_by_length, config.data.layout, position=state)
+    # One stream on every process: each step holds the global batch, shared out by DpoStep.
+    stream = PairStream(data.train, train_config.micro_batch_size,
+                        train_config.gradient_accumulation_steps * processes.count, train_config.seed,
+                        config.data.group_by_length, config.data.layout, position=state)
     target = target_pairs(config, len(data.train))
     total_steps = train_config.max_steps or state["step"] + stream.steps_until(target)
     warmup = (train_config.warmup_steps if train_config.warmup_steps is not None
               else round(train_config.warmup_ratio * total_steps))
     scheduler = build_scheduler(config, optimizer, warmup, total_steps, start_step=state["step"])
-    save_config(config, out / "config.yaml")
-    write_data_audit(data, out / AUDIT_FILE)
-    keep_until(out, state["step"])  # a resume: the samples written after the checkpoint go
-    tracker = open_trackers(config, out)
-    pairs_per_step = train_config.micro_batch_size * train_config.gradient_accumulation_steps
-    log.info("training %d steps of up to %d pairs (%d train, %d held-out pairs) on %s, %s", total_steps, pairs_per_step,
-             len(data.train), len(data.eval), device, str(compute_dtype).removeprefix("torch."))
+    if processes.is_main:
+        save_config(config, out / "config.yaml")
+        write_data_audit(data, out / AUDIT_FILE)
+        keep_until(out, state["step"])  # a resume: the samples written after the checkpoint go
+    tracker = open_trackers(config, out) if processes.is_main else Trackers([])
+    pairs_per_step = train_config.micro_batch_size * train_config.gradient_accumulation_steps * processes.count
+    log.info("training %d steps of up to %d pairs (micro-batch %d x accumulation %d%s; %d train, %d held-out pairs) "
+             "on %s, %s", total_steps, pairs_per_step, train_config.micro_batch_size,
+             train_config.gradient_accumulation_steps, processes.describe(), len(data.train), len(data.eval),
+             device, str(compute_dtype).removeprefix("torch."))
     log.info("loss %s; rewards/* are %s", config.dpo.loss, reward_definition(config.dpo))
-    step_runner = DpoStep(config, model, optimizer, scheduler, scaler, device, tokenizer.pad_token_id)
+    step_runner = DpoStep(config, model, optimizer, scheduler, scaler, device, tokenizer.pad_token_id,
+                          processes=processes)
     return Run(config, out, device, tokenizer, data, fingerprint, model, optimizer, scheduler, scaler,
                reference_tables, step_runner, stream, state, total_steps, target, state["step"], samples=samples,
-               tracker=tracker)
+               tracker=tracker, processes=processes)
 
 
 def fresh_adapter(model: Any, config: Config) -> None:
@@ -690,7 +717,7 @@ def fresh_adapter(model: Any, config: Config) -> None:
 
 
 def _reference_tables(config: Config, model: Any, data: PreferenceData, compute_dtype: torch.dtype,
-                      pad_id: int) -> dict[str, ReferenceTable | None]:
+                      pad_id: int, processes: Processes) -> dict[str, ReferenceTable | None]:
     """Reference log-probs of both splits, precomputed (or read from the cache) when asked for."""
     tables: dict[str, ReferenceTable | None] = {"train": None, "eval": None}
     if not (config.dpo.precompute_reference and needs_reference(config.dpo)):
@@ -702,30 +729,37 @@ def _reference_tables(config: Config, model: Any, data: PreferenceData, compute_
         try:
             tables[split] = reference_logps_for(model, pairs, config.model, compute_dtype, pad_id, cache_dir,
                                                 config.train.micro_batch_size, config.data.layout,
-                                                config.dpo.logps_chunk_size, config.data.pack_length)
+                                                config.dpo.logps_chunk_size, config.data.pack_length,
+                                                processes=processes)
         except torch.OutOfMemoryError as exc:
             raise _out_of_memory(config, f"precomputing the {split} reference log-probs", pairs) from exc
     return tables
 
 
 def _open_output(out: Path, resume_from: Path | None, model: Any, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler | None, changes: dict[str, list[Any]]) -> dict[str, Any]:
+                 scaler: torch.amp.GradScaler | None, changes: dict[str, list[Any]],
+                 processes: Processes) -> dict[str, Any]:
     """The first write to the output directory: restore the checkpoint, or clear what an earlier
-    run wrote and start afresh. Returns the trainer state to continue from."""
+    run wrote and start afresh. Returns the trainer state to continue from. Every process
+    restores the checkpoint; only the main one writes."""
     metrics_path = out / "metrics.jsonl"
+    writes = processes.is_main
     if resume_from is not None:
-        remove_partial_writes(out)
-        state = restore_checkpoint(resume_from, model, optimizer, scaler, metrics_path)
+        if writes:
+            remove_partial_writes(out)
+        state = restore_checkpoint(resume_from, model, optimizer, scaler, metrics_path if writes else None,
+                                   rank=processes.rank)
         state.pop("batches_consumed", None)  # older checkpoints: the position is pairs_consumed
         state.setdefault("resumes", []).append({"step": state["step"], "changed": changes})
         log.info("resuming from %s (step %d)", resume_from, state["step"])
         return state
-    if (out / RUN_MARKER).is_file():
-        _clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _record_written(out, {"config.yaml", "metrics.jsonl", AUDIT_FILE, SAMPLES_FILE, "tensorboard", "wandb",
-                          *REPORT_FILES})
-    metrics_path.write_text("", encoding="utf-8")
+    if writes:
+        if (out / RUN_MARKER).is_file():
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _record_written(out, {"config.yaml", "metrics.jsonl", AUDIT_FILE, SAMPLES_FILE, "tensorboard", "wandb",
+                              *REPORT_FILES})
+        metrics_path.write_text("", encoding="utf-8")
     return {"step": 0, "pairs_consumed": 0, "epoch_draw": None, "skipped_steps": 0, "consecutive_bad_steps": 0,
             "last_eval": None, "resumes": []}
 
@@ -738,7 +772,8 @@ def run_loop(run: Run, progress: bool | None = None,
     ``on_evaluation`` gets each evaluation's row once it is logged; an exception it raises (a
     sweep pruning the trial) ends the run there, without a checkpoint."""
     config, total = run.config, run.total_steps
-    bar = _progress_bar(total, progress, initial=run.start_step)
+    main = run.processes.is_main
+    bar = _progress_bar(total, progress if main else False, initial=run.start_step)
     stop = _StopRequest()
     run.model.train()
     if run.device.type == "cuda":
@@ -754,27 +789,30 @@ def run_loop(run: Run, progress: bool | None = None,
             bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if step % config.train.log_every == 0 or last:
                 record(run, row)
-                if bar.disable and (step % max(1, total // 10) == 0 or last):
+                if bar.disable and main and (step % max(1, total // 10) == 0 or last):
                     log.info("step %d/%d loss %.4f accuracy %.2f margin %.3f %.0f tokens/s", step, total,
                              row["loss"], row["rewards/accuracy"], row["rewards/margins"], row["tokens_per_s"])
             _stop_after_bad_steps(run, step)
             if run.data.eval and ((config.train.eval_every and step % config.train.eval_every == 0) or last):
                 row = evaluation_row(run, step)
-                bar.write(f"eval step {step}: loss {row['loss']:.4f} accuracy {row['rewards/accuracy']:.3f} "
-                          f"margin {row['rewards/margins']:.3f}")
+                if main:
+                    bar.write(f"eval step {step}: loss {row['loss']:.4f} accuracy {row['rewards/accuracy']:.3f} "
+                              f"margin {row['rewards/margins']:.3f}")
                 if on_evaluation is not None:
                     on_evaluation(row)
-            if run.samples is not None and (step % config.train.sample_every == 0 or last):
+            if main and run.samples is not None and (step % config.train.sample_every == 0 or last):
                 write_samples(run.model, run.tokenizer, run.samples, config, step, run.out)
+            # every process: each holds its own copy of the reference adapter
             if config.dpo.ref_sync_every and step % config.dpo.ref_sync_every == 0 and not last:
                 update_reference(run, step)
             save_now = config.train.save_every and step % config.train.save_every == 0
-            if (save_now or stop.requested) and not last:
+            stopping = run.processes.stop_signal(stop.signal_number)  # a signal to any process stops all
+            if (save_now or stopping) and not last:
                 saved = save_checkpoint(run, step)
-                if stop.requested:
-                    raise Interrupted(f"stopped by {stop.requested} after step {step}; checkpoint saved to {saved}. "
-                                      f"Resume with: lora-dpo train CONFIG --resume (output.dir={run.out})",
-                                      exit_code=128 + stop.signal_number)
+                if stopping:
+                    raise Interrupted(f"stopped by {signal.Signals(stopping).name} after step {step}; checkpoint "
+                                      f"saved to {saved}. Resume with: lora-dpo train CONFIG --resume "
+                                      f"(output.dir={run.out})", exit_code=128 + stopping)
     finally:
         stop.uninstall()
         bar.close()
@@ -840,15 +878,18 @@ def evaluate(run: Run) -> dict[str, float]:
                    compute_dtype=resolve_compute_dtype(config.model, run.device))
     pad_id = run.tokenizer.pad_token_id
     scoring["ld_alpha"] = config.dpo.ld_alpha
+    # Each process scores its share of the pairs; the sums are added up over the processes.
+    mine = run.processes.shard(len(pairs))
+    pairs = [pairs[i] for i in mine]
     policy = score_pairs(run.model, pairs, pad_id, wpo=config.dpo.wpo_weighting, **scoring)
     reference = None
     if run.reference_tables["eval"] is not None:
-        reference = run.reference_tables["eval"].lookup(range(len(pairs)), run.device)
+        reference = run.reference_tables["eval"].lookup(mine, run.device)
     elif needs_reference(config.dpo):
         reference = score_pairs(run.model, pairs, pad_id, reference=True, **scoring)
     totals = _MetricSums()
     totals.add(preference_loss(config.dpo, policy, reference), policy)
-    return totals.means()
+    return totals.means(run.processes.sum)
 
 
 def evaluation_row(run: Run, step: int) -> dict[str, Any]:
@@ -863,7 +904,10 @@ def evaluation_row(run: Run, step: int) -> dict[str, Any]:
 
 
 def record(run: Run, row: dict[str, Any]) -> None:
-    """Append one metrics row to metrics.jsonl; every train and eval row of the run passes here."""
+    """Append one metrics row to metrics.jsonl; every train and eval row of the run passes here.
+    Rows are over all processes; the main one writes them."""
+    if not run.processes.is_main:
+        return
     with run.metrics_path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
     run.tracker.log(row)
@@ -873,25 +917,34 @@ def save_checkpoint(run: Run, step: int) -> Path:
     """checkpoint-STEP: the weights, the trainer state with the data position and fingerprint, and
     copies of the metrics so far and of the config it was made with."""
     run.state.update(run.stream.position(), data=run.data_fingerprint)
-    return write_checkpoint(run.out, step, run.model, run.optimizer, run.scaler, run.state,
-                            [run.metrics_path, run.out / "config.yaml"], run.config.train.keep_last)
+    rank_rngs = run.processes.rng_states(rng_state())
+    saved = run.out / f"{CHECKPOINT_PREFIX}{step}"
+    if run.processes.is_main:
+        saved = write_checkpoint(run.out, step, run.model, run.optimizer, run.scaler, run.state,
+                                 [run.metrics_path, run.out / "config.yaml"], run.config.train.keep_last,
+                                 rank_rngs=rank_rngs)
+    run.processes.wait()  # no process leaves (or is stopped) while the main one still writes
+    return saved
 
 
 def finish_run(run: Run) -> RunSummary:
     """Save the adapter and tokenizer, then summary.json (last and atomically: its presence means
     the run finished). Steps that read the finished run (a final report) come after this."""
     out = run.out
-    before = {entry.name for entry in out.iterdir()}
-    save_adapter(run.model, out)
-    run.tokenizer.save_pretrained(out)
-    _record_written(out, {entry.name for entry in out.iterdir()} - before)
+    if run.processes.is_main:
+        before = {entry.name for entry in out.iterdir()}
+        save_adapter(run.model, out)
+        run.tokenizer.save_pretrained(out)
+        _record_written(out, {entry.name for entry in out.iterdir()} - before)
     size = len(run.data.train)
     summary = RunSummary(str(out), run.total_steps, size, len(run.data.eval), time.perf_counter() - run.started,
                          run.last_train, run.state["last_eval"], run.state["skipped_steps"], run.start_step,
                          reward_definition(run.config.dpo), pairs_trained=run.stream.consumed,
                          epochs=run.stream.consumed / size, resumes=run.state.get("resumes", []),
                          data_files=_data_file_digests(run.config))
-    summary.write(out / SUMMARY_FILE)
+    if run.processes.is_main:
+        summary.write(out / SUMMARY_FILE)
+    run.processes.wait()
     return summary
 
 
@@ -902,13 +955,17 @@ class DpoStep:
     The loop, its evaluation and scripts/bench.py all run this object, so the benchmark times
     exactly what training does. ``phase`` (the bench's profiler) is called with the name of each
     part as it ends: "reference", "policy", "backward" per micro-batch, "update" per step.
+    Under ``accelerate launch`` (``processes``), each process runs its share of a step's
+    micro-batches through the DDP wrapper (``scorer``) and the metrics are over all processes.
     """
 
     def __init__(self, config: Config, model: Any, optimizer: torch.optim.Optimizer | None, scheduler: Any,
                  scaler: torch.amp.GradScaler | None, device: torch.device, pad_id: int,
-                 phase: Callable[[str], None] | None = None) -> None:
+                 phase: Callable[[str], None] | None = None, processes: Processes | None = None) -> None:
         self.config, self.model, self.optimizer, self.scheduler, self.scaler = config, model, optimizer, scheduler, scaler
         self.device, self.pad_id = device, pad_id
+        self.processes = processes or Processes(device=device)
+        self.scorer = self.processes.wrap(model)  # both passes run through it (DDP's forward arms the all-reduce)
         self.autocast = autocast_for(device, resolve_compute_dtype(config.model, device))
         self.use_reference = needs_reference(config.dpo)  # SimPO/ORPO: no reference pass at all
         self.phase = phase or (lambda name: None)
@@ -931,11 +988,11 @@ class DpoStep:
             # pass that keeps no activations anyway.
             model.eval()
             with torch.no_grad(), reference_model(model), self.autocast:
-                reference = pair_logps(model, batch, chunk, ld_alpha=ld_alpha)
+                reference = self.scorer(batch, chunk, ld_alpha=ld_alpha)
             model.train(was_training)
             self.phase("reference")
         with self.autocast:
-            policy = pair_logps(model, batch, chunk, ld_alpha=ld_alpha, wpo=config.dpo.wpo_weighting)
+            policy = self.scorer(batch, chunk, ld_alpha=ld_alpha, wpo=config.dpo.wpo_weighting)
         result = preference_loss(config.dpo, policy, reference)
         self.phase("policy")
         return result, policy, batch.num_tokens
@@ -944,23 +1001,30 @@ class DpoStep:
                  reference_table: ReferenceTable | None) -> tuple[dict[str, float], bool, bool]:
         """Accumulate gradients over the micro-batches and apply them unless something is non-finite;
         returns the metrics, whether the update was applied, and whether the step was bad."""
-        optimizer, scaler = self.optimizer, self.scaler
+        optimizer, scaler, processes = self.optimizer, self.scaler, self.processes
         assert optimizer is not None, "DpoStep built without an optimizer only evaluates"
         totals = _MetricSums()
         tokens = 0
-        step_pair_count = sum(len(indices) for indices in micro_batches)
-        for indices in micro_batches:
-            result, policy, num_tokens = self.forward(pairs, indices, reference_table)
-            loss = result.losses.sum() / step_pair_count  # a mean over the step's pairs, however they were split
-            (scaler.scale(loss) if scaler else loss).backward()
+        step_pair_count = sum(len(indices) for indices in micro_batches)  # on all processes
+        mine = processes.share(micro_batches)
+        # A process without pairs in a (last, short) step still joins DDP's all-reduce, with a
+        # pass of weight zero over one pair; it adds nothing to the gradients or the metrics.
+        weight = processes.count if mine else 0
+        mine = mine or [micro_batches[0][:1]]
+        for position, indices in enumerate(mine):
+            with processes.accumulating(self.scorer, last=position == len(mine) - 1):
+                result, policy, num_tokens = self.forward(pairs, indices, reference_table)
+                # A mean over the step's pairs, however they were split (x processes: DDP averages).
+                loss = result.losses.sum() * weight / step_pair_count
+                (scaler.scale(loss) if scaler else loss).backward()
             self.phase("backward")
-            totals.add(result, policy)
-            tokens += num_tokens
+            totals.add(result, policy, weight=min(weight, 1))
+            tokens += num_tokens if weight else 0
         if scaler:
             scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm or float("inf")))
-        metrics = {**totals.means(), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+        metrics = {**totals.means(processes.sum), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
         if scaler:
             # float16: the scaler owns non-finite gradients — it skips the update and lowers its
             # scale, which is routine while it calibrates — and must see every step, skipped or not,
@@ -980,7 +1044,7 @@ class DpoStep:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.phase("update")
-        metrics["tokens"] = tokens
+        metrics["tokens"] = int(processes.sum(torch.tensor(tokens)).item()) if processes.count > 1 else tokens
         return metrics, applied, bad
 
 
@@ -1041,7 +1105,8 @@ class _MetricSums:
         self.sums: dict[str, torch.Tensor] = {}
         self.pairs = 0
 
-    def add(self, result: Any, policy: PairLogps) -> None:
+    def add(self, result: Any, policy: PairLogps, weight: int = 1) -> None:
+        """Add the pairs of one micro-batch (``weight`` 0: count nothing, a pass DDP needed)."""
         margins = result.chosen_rewards - result.rejected_rewards
         values = {
             "loss": result.losses.detach(),
@@ -1055,16 +1120,20 @@ class _MetricSums:
         # Sums stay on the device: reading them back per micro-batch would stall the GPU while the
         # CPU builds the next batch. means() reads them once per step.
         for name, value in values.items():
-            total = value.detach().float().sum()
+            total = value.detach().float().sum() * weight
             self.sums[name] = self.sums[name] + total if name in self.sums else total
-        self.pairs += result.losses.shape[0]
+        self.pairs += result.losses.shape[0] * weight
 
-    def means(self) -> dict[str, float]:
+    def means(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """Means over the pairs; ``reduce`` (``Processes.sum``) first adds up the sums and the pair
+        counts of every process, in one all-reduce."""
         if not self.sums:
             return {}
         names = list(self.sums)
-        totals = torch.stack([self.sums[name] for name in names]).tolist()
-        return {name: total / max(1, self.pairs) for name, total in zip(names, totals)}
+        stacked = torch.stack([self.sums[name] for name in names])
+        stacked = torch.cat([stacked, stacked.new_tensor([float(self.pairs)])])
+        *totals, pairs = (reduce(stacked) if reduce else stacked).tolist()
+        return {name: total / max(1, pairs) for name, total in zip(names, totals)}
 
 
 def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
