@@ -79,3 +79,65 @@ def demo_rows():
     from lora_dpo.demo import TRAIN_TOPICS, demo_pairs
 
     return demo_pairs(TRAIN_TOPICS, 32, seed=3)
+
+
+# Documentation command blocks that the tests run (tests/test_docs.py): a fenced block right after
+# this marker line, in README.md or docs/*.md.
+DOC_TEST_MARKER = "<!-- test: cpu -->"
+
+
+def marked_doc_blocks() -> list[tuple[str, int, list[str]]]:
+    """(file, line of the block's first command, commands) of every marked block."""
+    blocks = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            if line.strip() != DOC_TEST_MARKER:
+                continue
+            assert lines[number + 1].startswith("```"), f"{path.name}:{number + 1}: the marker must precede a fence"
+            end = next(i for i in range(number + 2, len(lines)) if lines[i].startswith("```"))
+            commands = [text for text in lines[number + 2:end] if text.strip() and not text.lstrip().startswith("#")]
+            blocks.append((str(path.relative_to(REPO)), number + 3, commands))
+    return blocks
+
+
+def run_doc_command(command: str, cwd: Path) -> int:
+    """A documented command as a user types it in ``cwd``: ``lora-dpo ...`` runs in-process (an
+    import of torch per command would cost seconds), anything else through bash."""
+    import contextlib
+    import shlex
+    import subprocess
+
+    words = shlex.split(command, comments=True)
+    if words[0] != "lora-dpo":
+        return subprocess.run(["bash", "-c", command], cwd=cwd).returncode
+    from lora_dpo.cli import main
+
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.suppress(SystemExit):
+            return main(words[1:])
+        return 2
+    finally:
+        os.chdir(before)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README's marked demo block, run once in a fresh directory holding the repository's
+    configs/ and data/ as a clone does: (that directory, what it printed). Shared by the tests
+    that need a trained demo, so the suite pre-trains and trains the demo model once."""
+    import contextlib
+    import io
+
+    (readme_block,) = [commands for name, _, commands in marked_doc_blocks() if name == "README.md"]
+    assert readme_block == ["lora-dpo demo"]
+    work = tmp_path_factory.mktemp("demo-work")
+    for name in ("configs", "data"):
+        (work / name).symlink_to(REPO / name)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = run_doc_command(readme_block[0] + " --no-progress", work)
+    assert code == 0, printed.getvalue()
+    return work, printed.getvalue()

@@ -21,15 +21,16 @@ def demo_args(tmp_path, *extra):
             f"data.train_file={REPO / 'data/demo/train.jsonl'}", f"data.eval_file={REPO / 'data/demo/eval.jsonl'}", *extra]
 
 
-def test_demo_reaches_its_held_out_accuracy(tmp_path, capsys):
-    """The shipped demo, as the README runs it: the preference must generalise to unseen topics,
-    and the tuned model's sampled answers must be kind ones."""
+def test_demo_reaches_its_held_out_accuracy(demo_run):
+    """The shipped demo, as the README runs it (the ``demo_run`` fixture runs the README's block):
+    the preference must generalise to unseen topics, and the tuned model's sampled answers must be
+    kind ones."""
     from lora_dpo.demo import RUDE_BODIES, RUDE_CLOSERS, RUDE_OPENERS
 
-    assert main(["demo", *demo_args(tmp_path), "--no-progress"]) == 0
-    printed = capsys.readouterr().out
+    work, printed = demo_run
+    out = work / "runs" / "demo" / "adapter"
     assert "held-out (64 pairs): preference accuracy" in printed
-    evals = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open() if '"eval"' in line]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").open() if '"eval"' in line]
     assert evals[-1]["step"] == 60 and evals[-1]["rewards/accuracy"] >= 0.9
     assert evals[-1]["rewards/margins"] > 1.0
     tuned = [block.split("\n", 1)[1].split("\n\n")[0].strip() for block in printed.split("--- adapter")[1:]]
@@ -38,14 +39,15 @@ def test_demo_reaches_its_held_out_accuracy(tmp_path, capsys):
     for answer in tuned:
         assert answer and not any(phrase and phrase in answer for phrase in rude), answer
     # The evaluation after training (eval: in configs/demo.yaml), judged by lora_dpo.demo:kindness.
-    result = json.loads((tmp_path / "out" / "eval" / "eval.json").read_text())
+    result = json.loads((out / "eval" / "eval.json").read_text())
     accuracy = result["metrics"]["held-out accuracy"]
     assert accuracy["policy"] > accuracy["reference"] and result["pairs"] == 64
     assert result["judge"] == "lora_dpo.demo:kindness" and result["win_rate"]["win_rate"] > 0.5
     assert "win rate of the tuned demo model over its base on 16 unseen prompts" in printed
 
 
-def test_train_writes_the_documented_output_layout(tmp_path, capsys):
+def test_train_writes_the_documented_output_layout(tmp_path, capsys, demo_run):
+    (tmp_path / "base").symlink_to(demo_run[0] / "runs" / "demo" / "base-model")  # pre-trained once per session
     assert main(["demo", *demo_args(tmp_path, "train.max_steps=4", "train.eval_every=2", "train.save_every=2",
                                     "train.micro_batch_size=2", "dpo.loss=sigmoid", "dpo.rpo_alpha=null",
                                     "eval.after_training=false"),
