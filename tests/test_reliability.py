@@ -187,7 +187,9 @@ def test_out_of_memory_is_a_clear_message(llama_dir, demo_rows, tmp_path, monkey
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_module, "pair_logps", no_memory)
+    import lora_dpo.distributed
+
+    monkeypatch.setattr(lora_dpo.distributed, "pair_logps", no_memory)  # the training step scores through it
     train_file = write_jsonl(tmp_path / "t.jsonl", demo_rows)
     code = main(["train", str(REPO / "configs" / "demo.yaml"), f"model.name_or_path={llama_dir}",
                  f"data.train_file={train_file}", "data.eval_file=null", f"output.dir={tmp_path / 'run'}"])
