@@ -787,6 +787,6 @@ def length_histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> dict[str
 
 def write_data_audit(data: PreferenceData, path: Path) -> None:
     """``data_audit`` as JSON at ``path``, atomically."""
-    temporary = path.with_name(f".tmp-{path.name}")
-    temporary.write_text(json.dumps(data_audit(data), indent=1) + "\n", encoding="utf-8")
-    temporary.replace(path)
+    from .records import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data_audit(data), indent=1) + "\n")

@@ -25,7 +25,6 @@ import gc
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from .data import (DataReport, PreferenceExample, Text, TokenizedPair, encode_pr
 from .errors import DataError, LoraDpoError
 from .generation import SamplingSettings, answer_seed, sample
 from .losses import preference_loss
+from .records import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -433,17 +433,8 @@ def _judge(judge: Any, prompts: Sequence[Text], answers: Sequence[str], batch_si
 def write_outputs(out: Path, result: EvalResult, sample_rows: list[dict[str, Any]]) -> None:
     """samples.jsonl, then eval.json, each to a temporary file renamed into place."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "samples.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sample_rows))
-    _write_atomic(out / "eval.json", json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".tmp-{path.name}")
-    with temporary.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    temporary.replace(path)
+    write_text_atomic(out / "samples.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sample_rows))
+    write_text_atomic(out / "eval.json", json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
 
 
 def _record_in_run(run_dir: Path, name: str) -> None:

@@ -322,6 +322,18 @@ def _mismatch(path: Path, problem: str, overwrite_option: str) -> LoraDpoError:
                         "start again (or choose another output)")
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one, never a
+    part: through a ``.tmp-`` sibling (what ``checkpoint.remove_partial_writes`` clears after a crash),
+    flushed to disk, then renamed over ``path``."""
+    temporary = path.with_name(f".tmp-{path.name}")
+    with temporary.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)
+
+
 def _replace_progress(progress: Path, entries: list[dict[str, Any]]) -> None:
     """Write the whole progress file atomically (temporary file, fsync, rename)."""
     temporary = progress.with_name(f".{progress.name}.{os.getpid()}.tmp")

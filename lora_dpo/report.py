@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoraDpoError
+from .records import write_text_atomic
 
 REPORT_FILES = ("report.md", "report.html", "plots")
 """What write_report puts in a run directory."""
@@ -523,7 +524,5 @@ def write_report(run_dir: str | Path) -> Report:
     blocks = report_blocks(run, plots)
     markdown, page = run.run_dir / "report.md", run.run_dir / "report.html"
     for path, text in ((markdown, render_markdown(blocks, run.run_dir)), (page, render_html(blocks))):
-        temporary = path.with_name(f".tmp-{path.name}")
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(path)
+        write_text_atomic(path, text)
     return Report(markdown, page, plots, run_warnings(run))

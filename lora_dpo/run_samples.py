@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoraDpoError
+from .records import write_text_atomic
 from .report import SAMPLES_FILE
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,4 @@ def keep_until(out: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    temporary = path.with_name(f".tmp-{path.name}")
-    temporary.write_text("".join(kept), encoding="utf-8")
-    temporary.replace(path)
+    write_text_atomic(path, "".join(kept))

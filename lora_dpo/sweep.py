@@ -44,6 +44,7 @@ import yaml
 
 from .config import Config, load_config, parse_override
 from .errors import ConfigError, Interrupted, LoraDpoError
+from .records import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +372,7 @@ def _open_sweep_dir(sweep: Sweep, overwrite: bool) -> None:
     if overwrite:
         (out / JOURNAL).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(state_path, json.dumps(sweep.state(), indent=2) + "\n")
+    write_text_atomic(state_path, json.dumps(sweep.state(), indent=2) + "\n")
 
 
 def _run_trial(sweep: Sweep, name: str, settings: dict[str, str], pieces: SharedPieces, overwrite: bool,
@@ -556,9 +557,9 @@ def write_tables(sweep: Sweep, rows: list[dict[str, Any]], final: bool = False) 
     for row in rows:
         writer.writerow(["" if row.get(k) is None else row[k]
                          for k in ["trial", "status", *keys, "metric", *COLUMNS, "error"]])
-    _write_atomic(sweep.out / TABLE_CSV, buffer.getvalue())
+    write_text_atomic(sweep.out / TABLE_CSV, buffer.getvalue())
     plotted = final and _write_plot(sweep, rows)
-    _write_atomic(sweep.out / TABLE_MD, sweep_markdown(sweep, rows, plotted))
+    write_text_atomic(sweep.out / TABLE_MD, sweep_markdown(sweep, rows, plotted))
 
 
 def sweep_markdown(sweep: Sweep, rows: list[dict[str, Any]], plotted: bool = False) -> str:
@@ -654,12 +655,6 @@ def _number(text: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".tmp-{path.name}")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------

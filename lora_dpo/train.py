@@ -62,6 +62,7 @@ from .losses import PreferenceLoss, needs_reference, preference_loss, reward_def
 from .memory import auto_batch_as_saved, planner_hint, resolve_auto_batch
 from .modeling import (REFERENCE_ADAPTER, TRAINED_ADAPTER, autocast_for, load_model, load_tokenizer, reference_model,
                        resolve_compute_dtype, resolve_device, save_adapter, trainable_parameters)
+from .records import write_text_atomic
 from .reference_cache import ReferenceTable, pairs_digest, reference_logps_for
 from .report import AUDIT_FILE, REPORT_FILES, SAMPLES_FILE, write_report
 from .run_samples import SamplePrompts, keep_until, sample_prompts, write_samples
@@ -116,9 +117,7 @@ class RunSummary:
     def write(self, path: Path) -> None:
         """summary.json, atomically (its presence means the run finished)."""
         fields = {k: v for k, v in self.__dict__.items() if k != "already_finished"}
-        temporary = path.with_name(f".tmp-{path.name}")
-        temporary.write_text(json.dumps(fields, indent=2) + "\n", encoding="utf-8")
-        temporary.replace(path)
+        write_text_atomic(path, json.dumps(fields, indent=2) + "\n")
 
     @classmethod
     def read(cls, path: Path) -> "RunSummary":
