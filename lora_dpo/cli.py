@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import logging
 import os
 import sys
@@ -196,6 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# Commands that take their argparse namespace whole: (module, function), imported only when run,
+# so `lora-dpo config` never pays for torch.
+COMMAND_RUNNERS = {
+    "merge": (".merge", "run_merge_command"),
+    "sweep": (".sweep", "run_sweep_command"),
+    "generate": (".generate", "run_generate_command"),
+    "collect": (".collect", "run_collect_command"),
+    "eval": (".evaluation", "run_eval_command"),
+}
+
+
 def _run(args: argparse.Namespace) -> int:
     from .config import config_reference_markdown, load_config
 
@@ -213,16 +225,10 @@ def _run(args: argparse.Namespace) -> int:
 
         _quiet_libraries()
         return plan_command(load_config(args.config, args.overrides), args.gpu_memory)
-    if args.command == "merge":
-        from .merge import run_merge_command
-
+    if args.command in COMMAND_RUNNERS:
+        module, function = COMMAND_RUNNERS[args.command]
         _quiet_libraries()
-        return run_merge_command(args)
-    if args.command == "sweep":
-        from .sweep import run_sweep_command
-
-        _quiet_libraries()
-        return run_sweep_command(args)
+        return getattr(importlib.import_module(module, __package__), function)(args)
     if args.command == "report":
         from .report import write_report
 
@@ -232,21 +238,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"report: {written.html} (and {written.markdown.name}, {len(written.plots)} plots in "
               f"{written.markdown.parent / 'plots'})")
         return 0
-    if args.command == "generate":
-        from .generate import run_generate_command
-
-        _quiet_libraries()
-        return run_generate_command(args)
-    if args.command == "collect":
-        from .collect import run_collect_command
-
-        _quiet_libraries()
-        return run_collect_command(args)
-    if args.command == "eval":
-        from .evaluation import run_eval_command
-
-        _quiet_libraries()
-        return run_eval_command(args)
 
     shipped_demo = args.command == "demo" and (args.config is None or ("=" in args.config and not Path(args.config).exists()))
     if shipped_demo:
