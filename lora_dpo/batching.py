@@ -39,7 +39,7 @@ import inspect
 import random
 import weakref
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -99,6 +99,11 @@ class PairLogps:
     chosen_aligned: torch.Tensor | None = None
     """WPO (``pair_logps(..., wpo=True)``): sum over the response of log p(token) - log sum_v p(v)^2, no grad."""
     rejected_aligned: torch.Tensor | None = None
+
+    def first(self, count: int) -> "PairLogps":
+        """The rows of the first ``count`` pairs."""
+        return PairLogps(*(None if value is None else value[:count]
+                           for value in (getattr(self, f.name) for f in fields(self))))
 
 
 def collate(pairs: Sequence[TokenizedPair], pad_token_id: int, pad_to_multiple_of: int = 8,
@@ -733,7 +738,8 @@ def _additive_mask(decoder: torch.nn.Module, allowed: torch.Tensor) -> torch.Ten
 def score_pairs(model: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, *, micro_batch_size: int,
                 layout: str = "padded", chunk_size: int = 512, pack_length: int | None = None,
                 compute_dtype: torch.dtype = torch.float32, reference: bool = False,
-                progress: Any = None, ld_alpha: float | None = None, wpo: bool = False) -> PairLogps:
+                progress: Any = None, ld_alpha: float | None = None, wpo: bool = False,
+                scorer: Callable[..., PairLogps] | None = None) -> PairLogps:
     """Summed response log-probs of ``pairs`` in one no-grad pass, row i for pair i.
 
     The no-grad scoring loop for whole sets of pairs (reference cache, merge verification,
@@ -745,6 +751,9 @@ def score_pairs(model: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, *
     trained adapter switched off, or the frozen init adapter on), which needs a peft model.
     ``progress``, a callable or None, is called after each micro-batch with the number of pairs it
     scored (e.g. a tqdm bar's ``update``). ``ld_alpha`` and ``wpo`` as in ``pair_logps``.
+    ``scorer``: the module that runs ``pair_logps`` of ``model`` in a multi-process run
+    (``distributed.Processes.wrap``: a sharded model's weights are gathered only by a pass
+    through it); None calls ``pair_logps`` itself.
 
     The rows stay on the model's device (float32 sums, int64 token counts), written without a
     host sync per micro-batch. It scores this process's ``pairs`` only and does not reduce across
@@ -777,7 +786,8 @@ def score_pairs(model: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, *
                 indices = order[start : start + micro_batch_size]
                 batch = collate([pairs[i] for i in indices], pad_token_id, layout=layout,
                                 pack_length=pack_length).to(device)
-                logps = pair_logps(model, batch, chunk_size, ld_alpha=ld_alpha, wpo=wpo)
+                logps = (scorer(batch, chunk_size, ld_alpha=ld_alpha, wpo=wpo) if scorer is not None
+                         else pair_logps(model, batch, chunk_size, ld_alpha=ld_alpha, wpo=wpo))
                 rows = torch.tensor(indices, dtype=torch.long).to(device, non_blocking=True)
                 chosen.index_copy_(0, rows, logps.chosen.float())
                 rejected.index_copy_(0, rows, logps.rejected.float())

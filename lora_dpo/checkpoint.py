@@ -147,12 +147,16 @@ def remove_partial_writes(out_dir: Path) -> None:
 
 
 def write_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, scaler: Any, trainer_state: dict[str, Any],
-                     copies: Sequence[Path], keep_last: int, rank_rngs: list[dict[str, Any]] | None = None) -> Path:
+                     copies: Sequence[Path], keep_last: int, rank_rngs: list[dict[str, Any]] | None = None,
+                     adapter_weights: dict[str, torch.Tensor] | None = None,
+                     optimizer_state: dict[str, Any] | None = None) -> Path:
     """Atomically write checkpoint-STEP, then delete all but the newest ``keep_last`` checkpoints.
 
     ``copies`` are files copied in as they are (the metrics so far, the config). ``rank_rngs``:
     the RNG state of every process of a multi-process run, in rank order (the main process
-    writes the checkpoint; the others' dropout streams must continue too)."""
+    writes the checkpoint; the others' dropout streams must continue too). ``adapter_weights`` and
+    ``optimizer_state``: a sharded model's, gathered whole (``distributed.Processes``); None: the
+    model's and the optimizer's own."""
     from .modeling import save_adapter
     from .reference_sync import save_reference
 
@@ -160,9 +164,9 @@ def write_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, scale
     temporary = out_dir / f".tmp-{CHECKPOINT_PREFIX}{step}-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    save_adapter(model, temporary)
+    save_adapter(model, temporary, adapter_weights)
     save_reference(model, temporary)  # TR-DPO moves the reference: a resume needs the one it had
-    save_state(optimizer.state_dict(), temporary, "optimizer")
+    save_state(optimizer_state if optimizer_state is not None else optimizer.state_dict(), temporary, "optimizer")
     extra: dict[str, Any] = {"rng": rng_state()}
     if rank_rngs is not None:
         extra["rank_rngs"] = rank_rngs
@@ -192,12 +196,14 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def restore_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any, metrics_path: Path | None,
-                       rank: int = 0) -> dict[str, Any]:
+                       processes: Any = None) -> dict[str, Any]:
     """Load everything write_checkpoint saved; returns the trainer state (step, data position...).
 
     The optimizer comes back with the hyper-parameters it was saved with; the caller decides which
     current settings replace them. The metrics so far are copied to ``metrics_path`` (None: not,
-    on the processes that do not write); process ``rank`` gets its own RNG state back."""
+    on the processes that do not write). ``processes`` (``distributed.Processes``, None: alone):
+    each process gets its own RNG state back, and a sharded model its shards of the weights and
+    the optimizer state."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -205,14 +211,20 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any, metr
     from .modeling import TRAINED_ADAPTER
     from .reference_sync import restore_reference
 
+    sharded = processes is not None and processes.sharded
     try:
         adapter = load_file(str(path / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(model, adapter, adapter_name=TRAINED_ADAPTER)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise RuntimeError(f"unexpected adapter weights such as {unexpected[0]}")
+        if sharded:
+            processes.load_adapter(model, adapter, TRAINED_ADAPTER)
+        else:
+            result = set_peft_model_state_dict(model, adapter, adapter_name=TRAINED_ADAPTER)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise RuntimeError(f"unexpected adapter weights such as {unexpected[0]}")
         restore_reference(model, path)
         optimizer.load_state_dict(load_state(path, "optimizer"))
+        if sharded:
+            processes.shard_optimizer_state(optimizer)
         _repage(optimizer)
         loop = load_state(path, "loop")
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
@@ -227,6 +239,7 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any, metr
         shutil.copyfile(path / "metrics.jsonl", metrics_path)
     else:
         metrics_path.write_text("", encoding="utf-8")
+    rank = processes.rank if processes is not None else 0
     rank_rngs = loop.get("rank_rngs")
     set_rng_state(rank_rngs[rank] if rank_rngs and rank < len(rank_rngs) else loop["rng"])
     return read_trainer_state(path)

@@ -88,7 +88,7 @@ def _not_found(name: str, what: str, exc: Exception,
 
 def load_base(model_config: ModelConfig, device: torch.device, dtype: torch.dtype | str, *,
               attn_implementation: str | None, four_bit: bool | None = None, what: str = "model",
-              fix: str = "point at a model directory saved with save_pretrained") -> Any:
+              fix: str = "point at a model directory saved with save_pretrained", sharded: bool = False) -> Any:
     """The base causal LM of ``model_config`` as training loads it, in eval mode, all on ``device``.
 
     In 4-bit NF4 (``four_bit``, default ``model_config.load_in_4bit``) with the run's quantization
@@ -99,7 +99,9 @@ def load_base(model_config: ModelConfig, device: torch.device, dtype: torch.dtyp
     merge passes None (transformers' default), so a CPU merge of a flash-attention run needs no
     flash-attn. "auto" is None too, with a log line naming the kernel transformers chose; an
     explicit kernel the model does not support is a ConfigError naming the ones it does.
-    ``what`` and ``fix`` word the one-line error when the model cannot be read.
+    ``what`` and ``fix`` word the one-line error when the model cannot be read. ``sharded``: for
+    FSDP, the packed 4-bit weights are stored in ``dtype`` rather than uint8 (the same bits; FSDP
+    shards floating tensors only).
     """
     from transformers import AutoModelForCausalLM
 
@@ -112,7 +114,7 @@ def load_base(model_config: ModelConfig, device: torch.device, dtype: torch.dtyp
     if kernel is not None:
         kwargs["attn_implementation"] = kernel
     if four_bit:
-        kwargs["quantization_config"] = four_bit_config(model_config, dtype)
+        kwargs["quantization_config"] = four_bit_config(model_config, dtype, storage=dtype if sharded else None)
     try:
         base = AutoModelForCausalLM.from_pretrained(model_config.name_or_path, **kwargs)
     except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
@@ -153,13 +155,20 @@ def _unsupported_kernel(model_config: ModelConfig, kernel: str) -> str:
             f"model.attn_implementation to one of {', '.join(working)} (auto lets transformers choose)")
 
 
-def load_model(config: Config, device: torch.device) -> Any:
-    """The base (4-bit NF4 unless disabled) with a trainable LoRA adapter named 'default'."""
+def load_model(config: Config, device: torch.device, sharded: bool = False) -> Any:
+    """The base (4-bit NF4 unless disabled) with a trainable LoRA adapter named 'default'.
+
+    ``sharded`` (FSDP, ``distributed.shard_model``): loaded on the CPU, 4-bit weights stored in the
+    compute dtype; sharding then moves each process's share to ``device``. It costs every process
+    CPU memory for the whole 4-bit base while it loads, and bitsandbytes quantizes on the CPU
+    (slower than on a GPU), so that no GPU ever holds the whole base.
+    """
     from peft import LoraConfig, PeftModel, get_peft_model
 
     model_config = config.model
-    base = load_base(model_config, device, resolve_compute_dtype(model_config, device),
-                     attn_implementation=model_config.attn_implementation)
+    base = load_base(model_config, torch.device("cpu") if sharded else device,
+                     resolve_compute_dtype(model_config, device), attn_implementation=model_config.attn_implementation,
+                     sharded=sharded)
     base.config.use_cache = False
     if model_config.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings
@@ -264,7 +273,9 @@ def compile_layers(base: Any, name: str) -> None:
     log.info("compiling %d decoder layers with torch.compile (the first steps are slow while it compiles)", len(layers))
 
 
-def four_bit_config(model_config: ModelConfig, compute_dtype: torch.dtype) -> Any:
+def four_bit_config(model_config: ModelConfig, compute_dtype: torch.dtype, storage: torch.dtype | None = None) -> Any:
+    """bitsandbytes' NF4 settings of the run; ``storage``: the dtype the packed weights are held in
+    (None: uint8, bitsandbytes' default)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -277,6 +288,7 @@ def four_bit_config(model_config: ModelConfig, compute_dtype: torch.dtype) -> An
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=model_config.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        **({} if storage is None else {"bnb_4bit_quant_storage": storage}),
     )
 
 
@@ -309,9 +321,12 @@ def reference_model(model: Any) -> Iterator[Any]:
             yield model
 
 
-def save_adapter(model: Any, directory: str | Path) -> None:
-    """Write adapter_config.json + adapter_model.safetensors of the trained adapter only."""
-    model.save_pretrained(str(directory), selected_adapters=[TRAINED_ADAPTER], safe_serialization=True)
+def save_adapter(model: Any, directory: str | Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors of the trained adapter only.
+    ``weights``: the LoRA weights whole, named as in ``model.state_dict()``, for a sharded model
+    (``distributed.Processes.whole_adapter``); None reads them from the model."""
+    extra = {} if weights is None else {"state_dict": weights}
+    model.save_pretrained(str(directory), selected_adapters=[TRAINED_ADAPTER], safe_serialization=True, **extra)
 
 
 def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:

@@ -76,14 +76,15 @@ class ReferenceTable:
 def reference_logps_for(model: Any, pairs: Sequence[TokenizedPair], model_config: Any, compute_dtype: torch.dtype,
                         pad_token_id: int, cache_dir: str | Path, micro_batch_size: int = 8,
                         layout: str = "padded", chunk_size: int = 512, pack_length: int | None = None,
-                        processes: Any = None) -> ReferenceTable:
+                        processes: Any = None, scorer: Any = None) -> ReferenceTable:
     """Reference log-probs of ``pairs``: read from ``cache_dir`` when present, else computed and saved there.
 
     ``model_config`` is the run's ``ModelConfig`` (it names the base, adapter and quantization);
     ``compute_dtype`` is the resolved dtype (``modeling.resolve_compute_dtype``). ``processes``
     (``distributed.Processes``) of a multi-process run: the file is read only when every process
     finds it; otherwise each computes its share of the pairs, the rows are gathered in pair
-    order on every process, and the main process writes the one file.
+    order on every process, and the main process writes the one file. ``scorer``: the module the
+    passes run through (``batching.score_pairs``).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     key = reference_cache_key(model_config, compute_dtype, pairs, layout, pack_length,
@@ -96,11 +97,13 @@ def reference_logps_for(model: Any, pairs: Sequence[TokenizedPair], model_config
         log.info("reference log-probs of %d pairs read from %s", len(pairs), path)
         return table
     started = time.perf_counter()
-    mine = processes.shard(len(pairs)) if processes is not None else range(len(pairs))
-    table = compute_reference_logps(model, [pairs[i] for i in mine], pad_token_id, compute_dtype, micro_batch_size,
-                                    layout, chunk_size, pack_length)
+    mine = processes.shard(len(pairs)) if processes is not None else list(range(len(pairs)))
+    scored = processes.top_up(mine, len(pairs)) if processes is not None else mine  # sharded: the same passes
+    table = compute_reference_logps(model, [pairs[i] for i in scored], pad_token_id, compute_dtype, micro_batch_size,
+                                    layout, chunk_size, pack_length, scorer=scorer)
     if processes is not None:
-        table = ReferenceTable(*(processes.gather_rows(getattr(table, name), len(pairs)) for name in TENSOR_NAMES))
+        table = ReferenceTable(*(processes.gather_rows(getattr(table, name)[: len(mine)], len(pairs))
+                                 for name in TENSOR_NAMES))
     table.key = key
     if processes is None or processes.is_main:
         _save(table, path, key)
@@ -115,11 +118,12 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
 
 def compute_reference_logps(model: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, compute_dtype: torch.dtype,
                             micro_batch_size: int = 8, layout: str = "padded", chunk_size: int = 512,
-                            pack_length: int | None = None) -> ReferenceTable:
+                            pack_length: int | None = None, scorer: Any = None) -> ReferenceTable:
     """One no-grad pass of the reference model over ``pairs`` (``batching.score_pairs``), on the CPU;
     rows follow the order of ``pairs``."""
     logps = score_pairs(model, pairs, pad_token_id, micro_batch_size=micro_batch_size, layout=layout,
-                        chunk_size=chunk_size, pack_length=pack_length, compute_dtype=compute_dtype, reference=True)
+                        chunk_size=chunk_size, pack_length=pack_length, compute_dtype=compute_dtype, reference=True,
+                        scorer=scorer)
     return ReferenceTable(*(getattr(logps, name).cpu() for name in TENSOR_NAMES))
 
 

@@ -56,7 +56,7 @@ from .checkpoint import (CHECKPOINT_PREFIX, complete_checkpoints, read_trainer_s
                          restore_checkpoint, rng_state, write_checkpoint)
 from .config import Config, load_config, save_config
 from .data import PreferenceData, TokenizedPair, read_preference_examples, tokenize_preference_data, write_data_audit
-from .distributed import Processes, processes as launched_processes
+from .distributed import Processes, check_sharded_config, processes as launched_processes, whole
 from .errors import Interrupted, LoraDpoError, one_line
 from .losses import PreferenceLoss, needs_reference, preference_loss, reward_definition
 from .memory import auto_batch_as_saved, planner_hint, resolve_auto_batch
@@ -610,6 +610,11 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
         saved_state = read_trainer_state(resume_from)
     processes = launched_processes(resolve_device(config.model.device))
     device = processes.device
+    if processes.sharded:
+        check_sharded_config(config)
+        if model is not None:
+            raise LoraDpoError("a model passed in (a sweep) cannot be sharded again. Fix: run a sweep without "
+                               "an FSDP accelerate config")
     # Every process starts from the same LoRA weights (DDP broadcasts the main one's anyway);
     # after loading, each process reseeds, so that their dropout masks differ.
     _seed_everything(config.train.seed)
@@ -628,7 +633,7 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
         _check_resume_data(resume_from, saved_state.get("data"), fingerprint)
         _check_resume_progress(resume_from, saved_state, config, len(data.train))
     if model is None:
-        model = load_model(config, device)
+        model = load_model(config, device, sharded=processes.sharded)
     # Also on a model just loaded: loading draws from the RNG, so only adapter weights drawn after a
     # reseed make a sweep's trial on a loaded base start exactly where a lone run of it starts.
     fresh_adapter(model, config)
@@ -641,8 +646,12 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
     compute_dtype = resolve_compute_dtype(config.model, device)
     # float16 gradients of small LoRA updates underflow without loss scaling; bfloat16 needs none.
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
+    # Every pass runs through the scorer (the DDP or FSDP wrapper); sharding replaces the LoRA
+    # weights by their shards, so the optimizer is built on what it leaves.
+    scorer = processes.wrap(model)
     optimizer = build_optimizer(config, trainable_parameters(model), device)
-    reference_tables = _reference_tables(config, model, data, compute_dtype, tokenizer.pad_token_id, processes)
+    reference_tables = _reference_tables(config, model, scorer, data, compute_dtype, tokenizer.pad_token_id,
+                                         processes)
     processes.wait()  # every process has checked the output directory before the main one writes to it
     state = _open_output(out, resume_from, model, optimizer, scaler, changes, processes)
     if resume_from is not None:
@@ -675,7 +684,7 @@ def setup_run(config: Config, overwrite: bool = False, *, model: Any = None, tok
              device, str(compute_dtype).removeprefix("torch."))
     log.info("loss %s; rewards/* are %s", config.dpo.loss, reward_definition(config.dpo))
     step_runner = DpoStep(config, model, optimizer, scheduler, scaler, device, tokenizer.pad_token_id,
-                          processes=processes)
+                          processes=processes, scorer=scorer)
     return Run(config, out, device, tokenizer, data, fingerprint, model, optimizer, scheduler, scaler,
                reference_tables, step_runner, stream, state, total_steps, target, state["step"], samples=samples,
                tracker=tracker, processes=processes)
@@ -715,8 +724,8 @@ def fresh_adapter(model: Any, config: Config) -> None:
         copy_adapter(model, TRAINED_ADAPTER, REFERENCE_ADAPTER)
 
 
-def _reference_tables(config: Config, model: Any, data: PreferenceData, compute_dtype: torch.dtype,
-                      pad_id: int, processes: Processes) -> dict[str, ReferenceTable | None]:
+def _reference_tables(config: Config, model: Any, scorer: torch.nn.Module, data: PreferenceData,
+                      compute_dtype: torch.dtype, pad_id: int, processes: Processes) -> dict[str, ReferenceTable | None]:
     """Reference log-probs of both splits, precomputed (or read from the cache) when asked for."""
     tables: dict[str, ReferenceTable | None] = {"train": None, "eval": None}
     if not (config.dpo.precompute_reference and needs_reference(config.dpo)):
@@ -729,7 +738,7 @@ def _reference_tables(config: Config, model: Any, data: PreferenceData, compute_
             tables[split] = reference_logps_for(model, pairs, config.model, compute_dtype, pad_id, cache_dir,
                                                 config.train.micro_batch_size, config.data.layout,
                                                 config.dpo.logps_chunk_size, config.data.pack_length,
-                                                processes=processes)
+                                                processes=processes, scorer=scorer)
         except torch.OutOfMemoryError as exc:
             raise _out_of_memory(config, f"precomputing the {split} reference log-probs", pairs) from exc
     return tables
@@ -747,7 +756,7 @@ def _open_output(out: Path, resume_from: Path | None, model: Any, optimizer: tor
         if writes:
             remove_partial_writes(out)
         state = restore_checkpoint(resume_from, model, optimizer, scaler, metrics_path if writes else None,
-                                   rank=processes.rank)
+                                   processes=processes)
         state.pop("batches_consumed", None)  # older checkpoints: the position is pairs_consumed
         state.setdefault("resumes", []).append({"step": state["step"], "changed": changes})
         log.info("resuming from %s (step %d)", resume_from, state["step"])
@@ -877,15 +886,17 @@ def evaluate(run: Run) -> dict[str, float]:
                    compute_dtype=resolve_compute_dtype(config.model, run.device))
     pad_id = run.tokenizer.pad_token_id
     scoring["ld_alpha"] = config.dpo.ld_alpha
-    # Each process scores its share of the pairs; the sums are added up over the processes.
+    # Each process scores its share of the pairs (sharded: topped up to the same passes, the
+    # extra rows dropped); the sums are added up over the processes.
     mine = run.processes.shard(len(pairs))
-    pairs = [pairs[i] for i in mine]
-    policy = score_pairs(run.model, pairs, pad_id, wpo=config.dpo.wpo_weighting, **scoring)
+    pairs = [pairs[i] for i in run.processes.top_up(mine, len(pairs))]
+    scoring["scorer"] = run.step_runner.scorer
+    policy = score_pairs(run.model, pairs, pad_id, wpo=config.dpo.wpo_weighting, **scoring).first(len(mine))
     reference = None
     if run.reference_tables["eval"] is not None:
         reference = run.reference_tables["eval"].lookup(mine, run.device)
     elif needs_reference(config.dpo):
-        reference = score_pairs(run.model, pairs, pad_id, reference=True, **scoring)
+        reference = score_pairs(run.model, pairs, pad_id, reference=True, **scoring).first(len(mine))
     totals = _MetricSums()
     totals.add(preference_loss(config.dpo, policy, reference), policy)
     return totals.means(run.processes.sum)
@@ -917,11 +928,13 @@ def save_checkpoint(run: Run, step: int) -> Path:
     copies of the metrics so far and of the config it was made with."""
     run.state.update(run.stream.position(), data=run.data_fingerprint)
     rank_rngs = run.processes.rng_states(rng_state())
+    # Sharded (FSDP), every process takes part in gathering the weights and optimizer state whole.
+    adapter, optimizer_state = run.processes.whole_adapter(run.model), run.processes.whole_optimizer_state(run.optimizer)
     saved = run.out / f"{CHECKPOINT_PREFIX}{step}"
     if run.processes.is_main:
         saved = write_checkpoint(run.out, step, run.model, run.optimizer, run.scaler, run.state,
                                  [run.metrics_path, run.out / "config.yaml"], run.config.train.keep_last,
-                                 rank_rngs=rank_rngs)
+                                 rank_rngs=rank_rngs, adapter_weights=adapter, optimizer_state=optimizer_state)
     run.processes.wait()  # no process leaves (or is stopped) while the main one still writes
     return saved
 
@@ -930,9 +943,10 @@ def finish_run(run: Run) -> RunSummary:
     """Save the adapter and tokenizer, then summary.json (last and atomically: its presence means
     the run finished). Steps that read the finished run (a final report) come after this."""
     out = run.out
+    weights = run.processes.whole_adapter(run.model)  # sharded: gathered by every process
     if run.processes.is_main:
         before = {entry.name for entry in out.iterdir()}
-        save_adapter(run.model, out)
+        save_adapter(run.model, out, weights)
         run.tokenizer.save_pretrained(out)
         _record_written(out, {entry.name for entry in out.iterdir()} - before)
     size = len(run.data.train)
@@ -960,11 +974,15 @@ class DpoStep:
 
     def __init__(self, config: Config, model: Any, optimizer: torch.optim.Optimizer | None, scheduler: Any,
                  scaler: torch.amp.GradScaler | None, device: torch.device, pad_id: int,
-                 phase: Callable[[str], None] | None = None, processes: Processes | None = None) -> None:
+                 phase: Callable[[str], None] | None = None, processes: Processes | None = None,
+                 scorer: torch.nn.Module | None = None) -> None:
         self.config, self.model, self.optimizer, self.scheduler, self.scaler = config, model, optimizer, scheduler, scaler
         self.device, self.pad_id = device, pad_id
         self.processes = processes or Processes(device=device)
-        self.scorer = self.processes.wrap(model)  # both passes run through it (DDP's forward arms the all-reduce)
+        # Both passes run through it (DDP's forward arms the all-reduce; FSDP's gathers the
+        # weights). ``scorer``: ``processes.wrap(model)`` already made (setup_run, which must
+        # shard before building the optimizer).
+        self.scorer = scorer if scorer is not None else self.processes.wrap(model)
         self.autocast = autocast_for(device, resolve_compute_dtype(config.model, device))
         self.use_reference = needs_reference(config.dpo)  # SimPO/ORPO: no reference pass at all
         self.phase = phase or (lambda name: None)
@@ -1006,11 +1024,12 @@ class DpoStep:
         tokens = 0
         step_pair_count = sum(len(indices) for indices in micro_batches)  # on all processes
         mine = processes.share(micro_batches)
-        # A process without pairs in a (last, short) step still joins DDP's all-reduce, with a
-        # pass of weight zero over one pair; it adds nothing to the gradients or the metrics.
-        weight = processes.count if mine else 0
-        mine = mine or [micro_batches[0][:1]]
         for position, indices in enumerate(mine):
+            # An empty share is a pass of weight zero over one pair, which adds nothing to the
+            # gradients or the metrics: a process without pairs in a (last, short) step still
+            # joins DDP's all-reduce, and sharded, every process runs as many passes as the others.
+            weight = processes.count if indices else 0
+            indices = indices or micro_batches[0][:1]
             with processes.accumulating(self.scorer, last=position == len(mine) - 1):
                 result, policy, num_tokens = self.forward(pairs, indices, reference_table)
                 # A mean over the step's pairs, however they were split (x processes: DDP averages).
@@ -1022,7 +1041,7 @@ class DpoStep:
         if scaler:
             scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm or float("inf")))
+        grad_norm = float(whole(torch.nn.utils.clip_grad_norm_(params, self.config.train.max_grad_norm or float("inf"))))
         metrics = {**totals.means(processes.sum), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
         if scaler:
             # float16: the scaler owns non-finite gradients — it skips the update and lowers its

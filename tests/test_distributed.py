@@ -216,26 +216,48 @@ def test_the_sharded_reference_precompute_is_the_single_process_table(runs, llam
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("micro_batches, want", [
-    ([[0, 1], [2, 3], [4, 5]], [[[0, 1], [4, 5]], [[2, 3]]]),  # round-robin
-    ([[0, 1, 2]], [[[0]], [[1, 2]]]),  # fewer micro-batches than processes: re-cut
-    ([[7]], [[], [[7]]]),  # fewer pairs: the first process runs a pass of weight zero
+@pytest.mark.parametrize("sharded, micro_batches, want", [
+    (False, [[0, 1], [2, 3], [4, 5]], [[[0, 1], [4, 5]], [[2, 3]]]),  # round-robin
+    (False, [[0, 1, 2]], [[[0]], [[1, 2]]]),  # fewer micro-batches than processes: re-cut
+    (False, [[7]], [[[]], [[7]]]),  # fewer pairs: the first process runs a pass of weight zero
+    # Sharded, every process runs as many passes as the others: [] tops the shorter share up.
+    (True, [[0, 1], [2, 3], [4, 5]], [[[0, 1], [4, 5]], [[2, 3], []]]),
+    (True, [[7]], [[[]], [[7]]]),
 ])
-def test_a_step_is_shared_out_without_repeating_a_pair(micro_batches, want):
+def test_a_step_is_shared_out_without_repeating_a_pair(sharded, micro_batches, want):
     class Two:
         def __init__(self, rank):
             self.process_index, self.num_processes, self.device = rank, 2, torch.device("cpu")
 
-    assert [Processes(Two(rank)).share(micro_batches) for rank in (0, 1)] == want
+    assert [Processes(Two(rank), fsdp=object() if sharded else None).share(micro_batches) for rank in (0, 1)] == want
 
 
-def test_a_sharding_accelerate_config_is_refused_in_one_line(monkeypatch):
+def test_sharded_shares_of_items_are_topped_up_to_the_same_passes():
+    class Two:
+        def __init__(self, rank):
+            self.process_index, self.num_processes, self.device = rank, 2, torch.device("cpu")
+
+    sharded = [Processes(Two(rank), fsdp=object()) for rank in (0, 1)]
+    assert [p.top_up(p.shard(5), 5) for p in sharded] == [[0, 2, 4], [1, 3, 0]]  # item 0 again, dropped later
+    assert [p.top_up(p.shard(1), 1) for p in sharded] == [[0], [0]]
+    assert [p.top_up(p.shard(0), 0) for p in sharded] == [[], []]
+    ddp = Processes(Two(1))
+    assert ddp.top_up(ddp.shard(5), 5) == [1, 3]  # DDP: no collective in a no-grad pass, nothing to top up
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed, which lora-dpo does not support.*configs/accelerate/fsdp.yaml"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP version 1.*set fsdp_version: 2"),
+])
+def test_an_accelerate_config_lora_dpo_cannot_run_is_refused_in_one_line(monkeypatch, variables, message):
     from lora_dpo.distributed import processes
     from lora_dpo.errors import LoraDpoError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(LoraDpoError, match="FSDP or DeepSpeed.*configs/accelerate/ddp.yaml"):
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    with pytest.raises(LoraDpoError, match=message):
         processes(torch.device("cpu"))
 
 

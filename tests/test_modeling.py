@@ -81,7 +81,7 @@ def test_training_changes_only_lora_weights_and_the_adapter_round_trips(llama_di
                                                                         tmp_path, monkeypatch):
     loaded = {}
 
-    def recording_load_model(config, device):
+    def recording_load_model(config, device, **options):
         loaded["model"] = load_model(config, device)
         loaded["before"] = {k: v.clone() for k, v in loaded["model"].state_dict().items()}
         return loaded["model"]

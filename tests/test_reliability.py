@@ -139,7 +139,7 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_ones(llama_dir, demo_r
     import lora_dpo.checkpoint as checkpoint_module
     import lora_dpo.modeling as modeling_module
 
-    def half_an_adapter(model, directory):
+    def half_an_adapter(model, directory, weights=None):
         (directory / "adapter_model.safetensors").write_bytes(b"\0" * 100)
 
     def dies(*args, **kwargs):
