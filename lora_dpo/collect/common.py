@@ -410,7 +410,7 @@ def collect_candidates(out: "Records | Followed", prompts: Sequence[Prompt], set
             chunk = max(1, model.batch_size // settings.num_samples) * CHUNK_BATCHES * processes.count
             in_chunks(missing, chunk, f"{desc}: generate", "generated", bar_enabled, generate, write, processes)
     processes.wait()  # the main process has closed the file: every process may read it
-    if not path.is_file():
+    if processes.count > 1 and not path.is_file():
         raise LoraDpoError(f"{path}: not found by process {processes.rank}, which reads the candidates the main process "
                            "wrote. Fix: put --out on a filesystem every process sees")
     wanted = {p.index for p in todo}
