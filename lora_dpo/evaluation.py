@@ -13,6 +13,12 @@ the last step of ``lora-dpo train``. In order, so that one GPU holds one model a
 5. the model is freed, and only then the judge (``rewards.load_reward``) loads and scores every
    answer: wins, ties, losses, the win rate with a 95% interval and a length-controlled win rate.
 
+Under torchrun or accelerate launch (``lora-dpo eval`` only; the evaluation at the end of
+training runs in the main process), every process loads the run on its own device and scores,
+answers and judges its share of the pairs, prompts and answers (every ``count``-th); the results
+are gathered in order on every process, and the main process alone writes and prints. The
+answers are those of one process, as each is seeded by its prompt and sample.
+
 Outputs, both written atomically (a temporary file renamed into place), eval.json last:
 ``OUT/samples.jsonl`` (one row per prompt and sample, the two answers side by side) and
 ``OUT/eval.json`` (``FORMAT`` 1, described in docs/evaluate.md), OUT defaulting to RUN_DIR/eval.
@@ -36,6 +42,7 @@ from .batching import PairLogps, score_pairs
 from .config import Config, EvalConfig
 from .data import (DataReport, PreferenceExample, Text, TokenizedPair, encode_prompt, load_examples,
                    read_preference_examples, tokenize_examples)
+from .distributed import Processes
 from .errors import DataError, LoraDpoError
 from .generation import SamplingSettings, answer_seed, sample
 from .losses import preference_loss
@@ -295,10 +302,12 @@ def distinct_prompts(examples: Sequence[PreferenceExample], limit: int) -> list[
 
 def evaluate_run(run_dir: str | Path, settings: EvalConfig, *, data: Optional[str] = None,
                  out: str | Path | None = None, device: str = "auto", progress: Optional[bool] = None,
-                 show: Optional[Callable[[str], None]] = None) -> EvalResult:
+                 show: Optional[Callable[[str], None]] = None, processes: Optional[Processes] = None) -> EvalResult:
     """Evaluate the finished run in ``run_dir`` (its output.dir) as ``settings`` say, write
     ``out`` (default RUN_DIR/eval)/samples.jsonl and eval.json, and return the result. ``show``
-    receives the printed table line by line. ``progress``: None shows bars on a terminal."""
+    receives the printed table line by line. ``progress``: None shows bars on a terminal.
+    ``processes``: the launched processes (``distributed.processes``), each of which calls this
+    and gets the result, on its own device (``device`` is then unused); None: this one alone."""
     from .modeling import REFERENCE_ADAPTER, inspect_adapter, load_inference_model, reference_model
     from .modeling import resolve_compute_dtype
     from .rewards import is_function_spec, load_reward
@@ -329,7 +338,9 @@ def evaluate_run(run_dir: str | Path, settings: EvalConfig, *, data: Optional[st
         raise LoraDpoError(f"--judge {settings.judge}: no such directory. Fix: give a reward model directory or hub "
                            "id, or module:function")
 
-    loaded = load_inference_model(None, str(run_dir), device=device)
+    target: str | torch.device = device if processes is None else processes.device
+    processes = processes if processes is not None else Processes()
+    loaded = load_inference_model(None, str(run_dir), device=target)
     model, tokenizer = loaded.model, loaded.tokenizer
     if training.model.init_adapter:
         # Training's reference was the frozen starting adapter, not the bare base.
@@ -344,27 +355,38 @@ def evaluate_run(run_dir: str | Path, settings: EvalConfig, *, data: Optional[st
     pad = tokenizer.pad_token_id
     from tqdm.auto import tqdm
 
-    bars = dict(dynamic_ncols=True, leave=False, disable=None if progress is None else not progress)
-    with tqdm(total=2 * len(pairs), desc="score held-out pairs", unit="pair", **bars) as bar:
-        policy = score_pairs(model, pairs, pad, progress=bar.update, **scoring)
-        reference = score_pairs(model, pairs, pad, reference=True, progress=bar.update, **scoring)
+    hidden = None if progress is None else not progress  # None: shown on a terminal
+    bars = dict(dynamic_ncols=True, leave=False, disable=hidden if processes.is_main else True)
+    # Each process scores its share of the pairs (every count-th); the rows come back in pair order.
+    mine = [pairs[i] for i in processes.shard(len(pairs))]
+    with tqdm(total=2 * len(mine), desc="score held-out pairs", unit="pair", **bars) as bar:
+        policy = _gathered(processes, score_pairs(model, mine, pad, progress=bar.update, **scoring), len(pairs))
+        reference = _gathered(processes, score_pairs(model, mine, pad, reference=True, progress=bar.update, **scoring),
+                              len(pairs))
     metrics = preference_metrics(training.dpo, policy, reference)
 
     picked = distinct_prompts(examples, settings.prompts)
     prompt_ids = [encode_prompt(tokenizer, example.prompt, chat_template=example.is_chat) for example in picked]
     indices = list(range(len(picked)))
-    with tqdm(total=2 * len(picked), desc="generate", unit="prompt", **bars) as bar:
-        policy_answers = sample(model, tokenizer, prompt_ids, sampling, prompt_indices=indices,
-                                batch_size=settings.batch_size, progress=bar)
+    # Each process answers its share of the prompts; an answer's seed is (seed, prompt, sample).
+    share = processes.shard(len(picked))
+    with tqdm(total=2 * len(share), desc="generate", unit="prompt", **bars) as bar:
+        policy_answers = processes.gather_items(
+            sample(model, tokenizer, [prompt_ids[i] for i in share], sampling, prompt_indices=share,
+                   batch_size=settings.batch_size, progress=bar), len(picked))
         with reference_model(model):  # the same model, adapter off (or the starting adapter): same seeds
-            reference_answers = sample(model, tokenizer, prompt_ids, sampling, prompt_indices=indices,
-                                       batch_size=settings.batch_size, progress=bar)
+            reference_answers = processes.gather_items(
+                sample(model, tokenizer, [prompt_ids[i] for i in share], sampling, prompt_indices=share,
+                       batch_size=settings.batch_size, progress=bar), len(picked))
     rows = [(i, j) for i in indices for j in range(settings.samples)]
     answer_pairs = [TokenizedPair(prompt_ids[i], policy_answers[i][j].token_ids, reference_answers[i][j].token_ids)
                     for i, j in rows]
-    with tqdm(total=2 * len(answer_pairs), desc="score answers (KL)", unit="answer", **bars) as bar:
-        on_policy = score_pairs(model, answer_pairs, pad, progress=bar.update, **scoring)
-        on_reference = score_pairs(model, answer_pairs, pad, reference=True, progress=bar.update, **scoring)
+    mine = [answer_pairs[k] for k in processes.shard(len(answer_pairs))]
+    with tqdm(total=2 * len(mine), desc="score answers (KL)", unit="answer", **bars) as bar:
+        on_policy = _gathered(processes, score_pairs(model, mine, pad, progress=bar.update, **scoring),
+                              len(answer_pairs))
+        on_reference = _gathered(processes, score_pairs(model, mine, pad, reference=True, progress=bar.update,
+                                                        **scoring), len(answer_pairs))
     kl = kl_per_answer(on_policy.chosen, on_reference.chosen)
     policy_lengths = [policy_answers[i][j].num_tokens for i, j in rows]
     reference_lengths = [reference_answers[i][j].num_tokens for i, j in rows]
@@ -388,11 +410,13 @@ def evaluate_run(run_dir: str | Path, settings: EvalConfig, *, data: Optional[st
     wins = None
     if settings.judge:
         if judge is None:
-            judge = load_reward(settings.judge, device=device, four_bit=settings.judge_4bit,
+            judge = load_reward(settings.judge, device=target, four_bit=settings.judge_4bit,
                                 batch_size=settings.batch_size, flag="--judge")
+        share = processes.shard(len(rows))  # each process judges its share of the answers
         try:
-            scores = (_judge(judge, prompts, reference_texts, settings.batch_size, "judge reference", bars),
-                      _judge(judge, prompts, policy_texts, settings.batch_size, "judge policy", bars))
+            scores = tuple(processes.gather_items(
+                _judge(judge, [prompts[k] for k in share], [texts[k] for k in share], settings.batch_size, what, bars),
+                len(rows)) for texts, what in ((reference_texts, "judge reference"), (policy_texts, "judge policy")))
         finally:
             judge.close()
         wins = win_rate(scores[1], scores[0], [i for i, _ in rows], policy_lengths, reference_lengths)
@@ -409,12 +433,23 @@ def evaluate_run(run_dir: str | Path, settings: EvalConfig, *, data: Optional[st
                             "reference_score": None if scores[0] is None else scores[0][k],
                             "policy_score": None if scores[1] is None else scores[1][k],
                             "reference_tokens": reference_lengths[k], "policy_tokens": policy_lengths[k]})
+    if not processes.is_main:
+        return result  # the main process writes and prints
     write_outputs(out, result, sample_rows)
     if out.resolve().parent == run_dir.resolve():
         _record_in_run(run_dir, out.name)
     for line in result.lines():
         (show or print)(line)
     return result
+
+
+def _gathered(processes: Processes, logps: PairLogps, size: int) -> PairLogps:
+    """The rows every process scored for its share of ``size`` pairs, in pair order (alone:
+    ``logps`` as it is)."""
+    if processes.count == 1:
+        return logps
+    return PairLogps(*(processes.gather_rows(getattr(logps, name), size)
+                       for name in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")))
 
 
 def _judge(judge: Any, prompts: Sequence[Text], answers: Sequence[str], batch_size: int, what: str,
@@ -469,7 +504,12 @@ def run_eval_command(args: Any) -> int:
                        ("--batch-size", settings.batch_size)):
         if value < 1:
             raise LoraDpoError(f"{key} {value}: must be at least 1")
+    from .distributed import processes
+    from .modeling import resolve_device
+
+    # Under torchrun or accelerate launch: one process per GPU, each evaluating its share.
+    launched = processes(resolve_device(args.device, "--device"))
     evaluate_run(run_dir, settings, data=args.data, out=args.out, device=args.device,
-                 progress=False if args.no_progress else None, show=print)
+                 progress=False if args.no_progress else None, show=print, processes=launched)
     sys.stdout.flush()
     return 0

@@ -16,6 +16,14 @@ The candidates stage (``collect_candidates``) samples n answers per prompt into 
 beside the output (``OUT.candidates``) before anything scores them, so that on one GPU the
 generator can be freed before the reward model or judge loads; the file is removed once the
 output is complete.
+
+Several processes (torchrun or accelerate launch, each holding the whole model on its own
+device): ``launch`` gives the command's processes. The main process alone opens, writes and
+closes the outputs; the others learn from it which prompts are done (``open_shared``). Each
+chunk of prompts is shared out (``in_chunks``: every process works on every ``count``-th prompt
+of the chunk, the results are gathered in prompt order, the main process writes them), so a
+kill loses at most a chunk, and every process makes the same collective calls. The rows equal
+one process's: every random draw is named by its prompt.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import logging
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -175,9 +183,10 @@ def sampling_record(settings: SamplingSettings) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(settings)))
 
 
-def open_output(path: str | Path, fingerprint: dict[str, Any], overwrite: bool) -> Records:
-    out = open_records(path, fingerprint, overwrite=overwrite)
-    log.info(out.status())
+def open_output(path: str | Path, fingerprint: dict[str, Any], overwrite: bool, processes: Any) -> "Records | Followed":
+    out = open_shared(path, fingerprint, overwrite, processes)
+    if isinstance(out, Records):
+        log.info(out.status())
     return out
 
 
@@ -234,14 +243,24 @@ def prompt_bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
         yield bar
 
 
-def in_chunks(todo: Sequence[Any], size: int, desc: str, done: str, bar_enabled: bool, handle: Any) -> None:
-    """``handle(part)`` for each chunk of ``todo``; it yields once per prompt it finishes (written
-    or skipped), which advances the bar. Logs the rate at the end as "DONE: N prompts in S s"."""
+def in_chunks(todo: Sequence[Any], size: int, desc: str, done: str, bar_enabled: bool, work: Any, write: Any,
+              processes: Any) -> None:
+    """Each chunk of ``size`` prompts of ``todo``, shared out over the processes: ``work(share)``
+    returns one result (plain, picklable data) per prompt of this process's share, every
+    ``count``-th prompt of the chunk (alone: the whole chunk); the results are gathered in prompt
+    order, and the main process calls ``write(prompt, result)`` for each prompt of the chunk, which
+    advances the bar, before the next chunk starts. One gather per chunk on every process, so
+    the processes stay in step. Logs the rate at the end as "DONE: N prompts in S s"."""
     started = time.monotonic()
-    with prompt_bar(len(todo), desc, bar_enabled) as bar:
+    with prompt_bar(len(todo), desc, bar_enabled and processes.is_main) as bar:
         for part in chunks(todo, size):
-            for _ in handle(part):
-                bar.update(1)
+            share = [part[k] for k in processes.shard(len(part))]
+            # A chunk shorter than the processes leaves some without prompts; they still gather.
+            results = processes.gather_items(list(work(share)) if share else [], len(part))
+            if processes.is_main:
+                for prompt, result in zip(part, results):
+                    write(prompt, result)
+                    bar.update(1)
     log_rate(done, len(todo), started)
 
 
@@ -332,10 +351,12 @@ class ChatModel:
             log.info("freed %s before loading %s", self.name, before)
 
 
-def load_chat_model(name: str, adapter: Optional[str], args: Any, four_bit: bool) -> ChatModel:
+def load_chat_model(name: str, adapter: Optional[str], args: Any, four_bit: bool, device: Any = None) -> ChatModel:
+    """``device``: where to load it (a launched process's own device); None: --device."""
     from ..modeling import load_inference_model
 
-    loaded = load_inference_model(name, adapter, device=args.device, dtype=args.dtype, four_bit=four_bit)
+    loaded = load_inference_model(name, adapter, device=args.device if device is None else device, dtype=args.dtype,
+                                  four_bit=four_bit)
     log.info("loaded %s", loaded.description)
     return ChatModel(loaded, name, adapter, args.batch_size)
 
@@ -357,34 +378,41 @@ def candidates_path(out: str | Path) -> Path:
     return out.with_name(out.name + CANDIDATES_SUFFIX)
 
 
-def collect_candidates(out: Records, prompts: Sequence[Prompt], settings: SamplingSettings,
+def collect_candidates(out: "Records | Followed", prompts: Sequence[Prompt], settings: SamplingSettings,
                        fingerprint: dict[str, Any], load: Any, *, overwrite: bool, bar_enabled: bool,
-                       desc: str) -> tuple[dict[int, Candidates], Optional[ChatModel]]:
+                       desc: str, processes: Any) -> tuple[dict[int, Candidates], Optional[ChatModel]]:
     """n sampled answers for every prompt ``out`` has not done, through the resumable file
     ``OUT.candidates`` (fingerprint: what decides the answers). ``load()`` gives the generator,
     called only when some prompt still needs answers. Returns the candidates by prompt index and
-    the generator when it was loaded (the caller frees or reuses it)."""
+    the generator when it was loaded (the caller frees or reuses it). Under a launcher the main
+    process writes the file, and every process reads it back once it is closed: ``--out`` must be
+    on a filesystem all of them see, as a training run's output.dir."""
     todo = [p for p in prompts if not out.is_done(p.index)]
     if not todo:
         return {}, None
     model = None
     path = candidates_path(out.path)
     # The output restarting means its candidates restart too; a finished output has none left.
-    with open_records(path, {"stage": "candidates", **fingerprint}, overwrite=overwrite) as store:
+    with open_shared(path, {"stage": "candidates", **fingerprint}, overwrite, processes) as store:
         missing = [p for p in todo if not store.is_done(p.index)]
         if missing:
             model = load()
 
-            def generate(part: Sequence[Prompt]) -> Iterator[None]:
-                answers = model.reply([p.text for p in part], [p.index for p in part], settings)
-                for prompt, samples in zip(part, answers):
-                    store.write(prompt.index, [{"candidates": [s.text for s in samples],
-                                                "tokens": [s.num_tokens for s in samples],
-                                                "finish": [s.finish_reason for s in samples]}])
-                    yield
+            def generate(share: Sequence[Prompt]) -> list[dict[str, Any]]:
+                answers = model.reply([p.text for p in share], [p.index for p in share], settings)
+                return [{"candidates": [s.text for s in samples], "tokens": [s.num_tokens for s in samples],
+                         "finish": [s.finish_reason for s in samples]} for samples in answers]
 
-            chunk = max(1, model.batch_size // settings.num_samples) * CHUNK_BATCHES
-            in_chunks(missing, chunk, f"{desc}: generate", "generated", bar_enabled, generate)
+            def write(prompt: Prompt, row: dict[str, Any]) -> None:
+                store.write(prompt.index, [row])
+
+            # Each process's share of a chunk is the chunk one process alone would run.
+            chunk = max(1, model.batch_size // settings.num_samples) * CHUNK_BATCHES * processes.count
+            in_chunks(missing, chunk, f"{desc}: generate", "generated", bar_enabled, generate, write, processes)
+    processes.wait()  # the main process has closed the file: every process may read it
+    if processes.count > 1 and not path.is_file():
+        raise LoraDpoError(f"{path}: not found by process {processes.rank}, which reads the candidates the main process "
+                           "wrote. Fix: put --out on a filesystem every process sees")
     wanted = {p.index for p in todo}
     found: dict[int, Candidates] = {}
     with path.open(encoding="utf-8") as handle:
@@ -395,8 +423,11 @@ def collect_candidates(out: Records, prompts: Sequence[Prompt], settings: Sampli
     return found, model
 
 
-def finish_output(out: Records, prompts: Sequence[Prompt]) -> None:
-    """Close the output, print its summary, and remove the candidates once every prompt is done."""
+def finish_output(out: "Records | Followed", prompts: Sequence[Prompt]) -> None:
+    """Close the output, print its summary, and remove the candidates once every prompt is done
+    (the main process; the others hold no files)."""
+    if not isinstance(out, Records):
+        return
     complete = all(out.is_done(p.index) for p in prompts)
     out.close()
     if complete:
@@ -405,3 +436,76 @@ def finish_output(out: Records, prompts: Sequence[Prompt]) -> None:
     print(out.summary())
     if out.rows_written:
         print(f"train on it: lora-dpo train CONFIG data.train_file={out.path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes
+
+
+def launch(args: Any) -> Any:
+    """This command's processes on --device (``distributed.processes``): alone, this one; under
+    torchrun or accelerate launch, one per GPU, each loading the models on its own device."""
+    from ..distributed import processes
+    from ..modeling import resolve_device
+
+    return processes(resolve_device(args.device, "--device"))
+
+
+def from_main(processes: Any, value: Any) -> Any:
+    """``value`` as the main process has it, on every process (one all-gather of Python objects;
+    alone, ``value`` itself)."""
+    return processes.gather_items([value], processes.count)[0]
+
+
+class Followed:
+    """An output as a process other than the main one knows it: the prompts that were done when
+    the main process opened it. It writes nothing; the main process writes every row."""
+
+    def __init__(self, path: Path, done: set[int]):
+        self.path = path
+        self.done = done
+
+    def is_done(self, prompt_index: int) -> bool:
+        return prompt_index in self.done
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Followed":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def open_shared(path: str | Path, fingerprint: dict[str, Any], overwrite: bool, processes: Any) -> "Records | Followed":
+    """``records.open_records`` on the main process; every other process gets a ``Followed``
+    with the prompts the main one found done, and the main one's error when it refused the
+    output (another command's settings), so that every process stops with the same line."""
+    if processes.count == 1:
+        return open_records(path, fingerprint, overwrite=overwrite)
+    opened, problem = None, None
+    if processes.is_main:
+        try:
+            opened = open_records(path, fingerprint, overwrite=overwrite)
+        except LoraDpoError as exc:
+            problem = str(exc)
+    done, problem = from_main(processes, (sorted(opened.done) if opened is not None else [], problem))
+    if problem is not None:
+        raise LoraDpoError(problem)
+    return opened if opened is not None else Followed(Path(path), set(done))
+
+
+@dataclass
+class Outcome:
+    """What one prompt gave an output: its rows, or why it was skipped. Plain data, so that the
+    process that made it can hand it to the main one, which writes it (``record``)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skip: Optional[str] = None
+
+    def record(self, out: Records, prompt_index: int) -> None:
+        if self.skip is not None:
+            out.skip(prompt_index, self.skip)
+        else:
+            out.write(prompt_index, self.rows)

@@ -21,14 +21,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..data import RowError, Text
 from ..errors import LoraDpoError
 from ..prompts import Prompt
-from .common import (CHUNK_BATCHES, Candidates, add_input_arguments, add_model_arguments, add_sampling_arguments,
-                     collect_candidates, finish_output, in_chunks, load_chat_model, open_output, pair_row,
-                     prompts_fingerprint, read_collect_prompts, sampling_record, sampling_settings, show_bar, unusable)
+from .common import (CHUNK_BATCHES, Candidates, Outcome, add_input_arguments, add_model_arguments,
+                     add_sampling_arguments, collect_candidates, finish_output, in_chunks, launch, load_chat_model,
+                     open_output, pair_row, prompts_fingerprint, read_collect_prompts, sampling_record,
+                     sampling_settings, show_bar, unusable)
 from .principles import Principles, load_principles
 
 log = logging.getLogger("lora_dpo.collect")
@@ -149,30 +150,35 @@ def run_judge(args: Any) -> int:
                    "judge_adapter": args.judge_adapter if separate else args.adapter,
                    "judge_load_in_4bit": args.judge_load_in_4bit if separate else args.load_in_4bit,
                    "principles": principles.fingerprint(), "min_confidence": args.min_confidence}
-    out = open_output(args.out, fingerprint, args.overwrite)
+    processes = launch(args)
+    out = open_output(args.out, fingerprint, args.overwrite, processes)
+    device = processes.device
     try:
         candidates, model = collect_candidates(
-            out, prompts, settings, generated, lambda: load_chat_model(args.model, args.adapter, args, args.load_in_4bit),
-            overwrite=args.overwrite, bar_enabled=show_bar(args), desc="collect judge")
+            out, prompts, settings, generated,
+            lambda: load_chat_model(args.model, args.adapter, args, args.load_in_4bit, device),
+            overwrite=args.overwrite, bar_enabled=show_bar(args), desc="collect judge", processes=processes)
         if candidates:
             if separate:
                 if model is not None:
                     model.close(before=f"the judge {args.judge}")  # one model in memory at a time
-                model = load_chat_model(args.judge, args.judge_adapter, args, args.judge_load_in_4bit)
+                model = load_chat_model(args.judge, args.judge_adapter, args, args.judge_load_in_4bit, device)
             elif model is None:  # every answer was sampled by an earlier run
-                model = load_chat_model(args.model, args.adapter, args, args.load_in_4bit)
+                model = load_chat_model(args.model, args.adapter, args, args.load_in_4bit, device)
             audit = {"sampling": sampling_record(settings), "generator": args.model, "adapter": args.adapter,
                      "judge": judge_name, "principles": principles.source, "seed": settings.seed}
             todo = [p for p in prompts if p.index in candidates]
 
-            def judge(part: Sequence[Prompt]) -> Iterator[None]:
-                found = {p.index: candidates[p.index].texts for p in part}
-                for result in judge_prompts(model, part, found, principles, settings.seed, args.min_confidence):
-                    write_judged(out, result, candidates[result.prompt.index], audit)
-                    yield
+            def judge(share: Sequence[Prompt]) -> list[Outcome]:
+                found = {p.index: candidates[p.index].texts for p in share}
+                return [judged_outcome(result, candidates[result.prompt.index], audit)
+                        for result in judge_prompts(model, share, found, principles, settings.seed, args.min_confidence)]
 
-            in_chunks(todo, max(1, args.batch_size) * CHUNK_BATCHES, "collect judge: judge", "judged", show_bar(args),
-                      judge)
+            def write(prompt: Prompt, outcome: Outcome) -> None:
+                outcome.record(out, prompt.index)
+
+            in_chunks(todo, max(1, args.batch_size) * CHUNK_BATCHES * processes.count, "collect judge: judge", "judged",
+                      show_bar(args), judge, write, processes)
             model.close()
     except BaseException:
         out.close()
@@ -181,17 +187,15 @@ def run_judge(args: Any) -> int:
     return 0
 
 
-def write_judged(out: Any, result: Judged, found: Candidates, audit: dict[str, Any]) -> None:
-    index = result.prompt.index
+def judged_outcome(result: Judged, found: Candidates, audit: dict[str, Any]) -> Outcome:
+    """One prompt's pair, the preferred answer chosen, or why it is skipped."""
     if result.skip:
-        out.skip(index, result.skip)
-        return
+        return Outcome(skip=result.skip)
     chosen, rejected = found.texts[result.chosen], found.texts[1 - result.chosen]
     try:
         row = pair_row(result.prompt.text, chosen, rejected, principle=result.principle,
                        preference=result.confidence, first_as_a=result.first_as_a, first_as_b=result.first_as_b,
                        candidates=found.texts, **audit)
     except RowError as exc:
-        out.skip(index, unusable(exc))
-        return
-    out.write(index, [row])
+        return Outcome(skip=unusable(exc))
+    return Outcome([row])

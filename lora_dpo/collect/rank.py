@@ -24,13 +24,14 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..data import RowError
 from ..errors import LoraDpoError
-from .common import (CHUNK_BATCHES, Candidates, add_input_arguments, add_model_arguments, add_sampling_arguments,
-                     collect_candidates, finish_output, in_chunks, load_chat_model, open_output, pair_row,
-                     prompts_fingerprint, read_collect_prompts, sampling_record, sampling_settings, show_bar, unusable)
+from .common import (CHUNK_BATCHES, Candidates, Outcome, add_input_arguments, add_model_arguments,
+                     add_sampling_arguments, collect_candidates, finish_output, in_chunks, launch, load_chat_model,
+                     open_output, pair_row, prompts_fingerprint, read_collect_prompts, sampling_record,
+                     sampling_settings, show_bar, unusable)
 
 log = logging.getLogger("lora_dpo.collect")
 
@@ -147,22 +148,24 @@ def run_rank(args: Any) -> int:
     fingerprint = {"command": "collect rank", **generated, "reward": args.reward_model,
                    "reward_load_in_4bit": args.reward_load_in_4bit, "pairs": args.pairs, "margin": args.margin,
                    "length_penalty": args.length_penalty}
-    out = open_output(args.out, fingerprint, args.overwrite)
+    processes = launch(args)
+    out = open_output(args.out, fingerprint, args.overwrite, processes)
     try:
         candidates, generator = collect_candidates(
             out, prompts, settings, generated, lambda: load_chat_model(args.generator, args.adapter, args,
-                                                                       args.load_in_4bit),
-            overwrite=args.overwrite, bar_enabled=show_bar(args), desc="collect rank")
+                                                                       args.load_in_4bit, processes.device),
+            overwrite=args.overwrite, bar_enabled=show_bar(args), desc="collect rank", processes=processes)
         if candidates:
             if generator is not None:
                 # One model in memory at a time: both might fit, but the reward model's size is not known yet.
                 generator.close(before=f"the reward {args.reward_model}")
-            reward = load_reward(args.reward_model, device=args.device, four_bit=args.reward_load_in_4bit,
+            reward = load_reward(args.reward_model, device=processes.device, four_bit=args.reward_load_in_4bit,
                                  batch_size=args.reward_batch_size, flag="--reward-model")
             try:
                 audit = {"sampling": sampling_record(settings), "generator": args.generator, "adapter": args.adapter,
                          "reward": args.reward_model, "seed": settings.seed}
-                score_and_write(out, [p for p in prompts if p.index in candidates], candidates, reward, args, audit)
+                score_and_write(out, [p for p in prompts if p.index in candidates], candidates, reward, args, audit,
+                                processes)
             finally:
                 reward.close()
     except BaseException:
@@ -173,40 +176,41 @@ def run_rank(args: Any) -> int:
 
 
 def score_and_write(out: Any, prompts: Sequence[Any], candidates: dict[int, Candidates], reward: Any, args: Any,
-                    audit: dict[str, Any]) -> None:
+                    audit: dict[str, Any], processes: Any) -> None:
     """Score each prompt's distinct answers (many prompts per reward call: the reward model
-    batches them), form the pairs, write or skip each prompt."""
+    batches them), form the pairs, write or skip each prompt. Each process scores its share of
+    a chunk; the main process writes them all."""
     dropped = Distinct([])
 
-    def score(part: Sequence[Any]) -> Iterator[None]:
-        kept = {}
-        for prompt in part:
-            distinct = distinct_answers(candidates[prompt.index].texts)
-            dropped.empty += distinct.empty
-            dropped.duplicates += distinct.duplicates
-            kept[prompt.index] = distinct.kept
-        queries = [(p, k) for p in part for k in kept[p.index]]
+    def score(share: Sequence[Any]) -> list[tuple[Outcome, int, int]]:
+        distinct = {p.index: distinct_answers(candidates[p.index].texts) for p in share}
+        queries = [(p, k) for p in share for k in distinct[p.index].kept]
         values = reward.score([p.text for p, _ in queries], [candidates[p.index].texts[k] for p, k in queries])
-        scores: dict[int, list[float]] = {p.index: [] for p in part}
+        scores: dict[int, list[float]] = {p.index: [] for p in share}
         for (prompt, _), value in zip(queries, values):
             scores[prompt.index].append(value)
-        for prompt in part:
-            write_prompt(out, prompt, candidates[prompt.index], kept[prompt.index], scores[prompt.index], args, audit)
-            yield
+        return [(rank_outcome(p, candidates[p.index], distinct[p.index].kept, scores[p.index], args, audit),
+                 distinct[p.index].empty, distinct[p.index].duplicates) for p in share]
 
-    in_chunks(prompts, max(1, args.reward_batch_size) * CHUNK_BATCHES, "collect rank: score", "scored",
-              show_bar(args), score)
+    def write(prompt: Any, result: tuple[Outcome, int, int]) -> None:
+        outcome, empty, duplicates = result
+        dropped.empty += empty
+        dropped.duplicates += duplicates
+        outcome.record(out, prompt.index)
+
+    size = max(1, args.reward_batch_size) * CHUNK_BATCHES * processes.count
+    in_chunks(prompts, size, "collect rank: score", "scored", show_bar(args), score, write, processes)
     if dropped.empty or dropped.duplicates:
         log.info("dropped before scoring: %d empty answers, %d repeated answers", dropped.empty, dropped.duplicates)
 
 
-def write_prompt(out: Any, prompt: Any, found: Candidates, kept: list[int], scores: list[float], args: Any,
-                 audit: dict[str, Any]) -> None:
+def rank_outcome(prompt: Any, found: Candidates, kept: list[int], scores: list[float], args: Any,
+                 audit: dict[str, Any]) -> Outcome:
+    """One prompt's pairs from its scored answers, or why it is skipped."""
     ranking = ranking_scores(scores, [found.tokens[k] for k in kept], args.length_penalty)
     ranked = rank_pairs(ranking, args.pairs, args.margin, pair_rng(audit["seed"], prompt.index))
     if ranked.skip:
-        out.skip(prompt.index, ranked.skip)
-        return
+        return Outcome(skip=ranked.skip)
     every = [None] * len(found.texts)  # dropped answers have no score
     for k, score in zip(kept, scores):
         every[k] = score
@@ -217,6 +221,5 @@ def write_prompt(out: Any, prompt: Any, found: Candidates, kept: list[int], scor
                                  chosen_score=scores[chosen], rejected_score=scores[rejected],
                                  candidates=found.texts, scores=every, tokens=found.tokens, **audit))
     except RowError as exc:
-        out.skip(prompt.index, unusable(exc))
-        return
-    out.write(prompt.index, rows)
+        return Outcome(skip=unusable(exc))
+    return Outcome(rows)

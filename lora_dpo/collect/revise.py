@@ -25,16 +25,16 @@ import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..data import RowError, Text
 from ..errors import LoraDpoError
 from ..generation import SamplingSettings
 from ..prompts import Prompt
-from ..records import open_records
-from .common import (CHUNK_BATCHES, add_input_arguments, add_model_arguments, add_sampling_arguments, check_text,
-                     finish_output, in_chunks, load_chat_model, open_output, pair_row, prompts_fingerprint,
-                     read_collect_prompts, sampling_record, sampling_settings, show_bar, stage_seed, unusable)
+from .common import (CHUNK_BATCHES, Outcome, add_input_arguments, add_model_arguments, add_sampling_arguments,
+                     check_text, finish_output, in_chunks, launch, load_chat_model, open_output, open_shared, pair_row,
+                     prompts_fingerprint, read_collect_prompts, sampling_record, sampling_settings, show_bar,
+                     stage_seed, unusable)
 from .principles import Principles, load_principles
 
 log = logging.getLogger("lora_dpo.collect")
@@ -210,23 +210,27 @@ def run_revise(args: Any) -> int:
                    "load_in_4bit": args.load_in_4bit, "dtype": args.dtype, **sampling_record(settings),
                    "principles": principles.fingerprint(), "rounds": args.rounds, "few_shot": args.few_shot,
                    **prompts_fingerprint(prompts)}
-    out = open_output(args.out, fingerprint, args.overwrite)
+    processes = launch(args)
+    out = open_output(args.out, fingerprint, args.overwrite, processes)
     sft = None
     try:
         if args.sft_out:
-            sft = open_records(args.sft_out, {**fingerprint, "sft": True}, overwrite=args.overwrite)
+            sft = open_shared(args.sft_out, {**fingerprint, "sft": True}, args.overwrite, processes)
         todo = [p for p in prompts if not out.is_done(p.index) or (sft is not None and not sft.is_done(p.index))]
         if todo:
-            model = load_chat_model(args.model, args.adapter, args, args.load_in_4bit)
+            model = load_chat_model(args.model, args.adapter, args, args.load_in_4bit, processes.device)
             audit = {"sampling": sampling_record(settings), "model": args.model, "adapter": args.adapter,
                      "principles": principles.source, "seed": settings.seed}
 
-            def revise(part: Sequence[Prompt]) -> Iterator[None]:
-                for result in revise_prompts(model, part, principles, settings, args.rounds, args.few_shot):
-                    write_revised(out, sft, result, audit)
-                    yield
+            def revise(share: Sequence[Prompt]) -> list[tuple[Outcome, Outcome]]:
+                return [revised_outcomes(result, audit)
+                        for result in revise_prompts(model, share, principles, settings, args.rounds, args.few_shot)]
 
-            in_chunks(todo, max(1, args.batch_size) * CHUNK_BATCHES, "collect revise", "revised", show_bar(args), revise)
+            def write(prompt: Prompt, outcomes: tuple[Outcome, Outcome]) -> None:
+                write_revised(out, sft, prompt.index, outcomes)
+
+            in_chunks(todo, max(1, args.batch_size) * CHUNK_BATCHES * processes.count, "collect revise", "revised",
+                      show_bar(args), revise, write, processes)
             model.close()
     except BaseException:
         out.close()
@@ -234,16 +238,15 @@ def run_revise(args: Any) -> int:
     finally:
         if sft is not None:
             sft.close()
-    if sft is not None:
+    if sft is not None and processes.is_main:
         print(sft.summary())
     finish_output(out, prompts)
     return 0
 
 
-def write_revised(out: Any, sft: Any, result: Revised, audit: dict[str, Any]) -> None:
-    """The pair to OUT and the (prompt, revision) row to the SFT file, each where not done yet
-    (a kill between the two writes leaves one behind, which the rerun completes)."""
-    index, skip, rows, sft_rows = result.prompt.index, result.skip, [], []
+def revised_outcomes(result: Revised, audit: dict[str, Any]) -> tuple[Outcome, Outcome]:
+    """The pair for OUT and the (prompt, revision) row for the SFT file, or why both are skipped."""
+    skip, rows, sft_rows = result.skip, [], []
     if skip is None:
         prompt = result.prompt.text
         try:
@@ -255,11 +258,14 @@ def write_revised(out: Any, sft: Any, result: Revised, audit: dict[str, Any]) ->
         else:
             answer: Any = [{"role": "assistant", "content": completion}] if isinstance(prompt, list) else completion
             sft_rows = [{"prompt": prompt, "completion": answer, "principle": result.rounds[0].principle}]
-    for records, written in ((out, rows), (sft, sft_rows)):
-        if records is None or records.is_done(index):
-            continue
-        if skip is None:
-            records.write(index, written)
-        else:
-            records.skip(index, skip)
+    if skip is not None:
+        return Outcome(skip=skip), Outcome(skip=skip)
+    return Outcome(rows), Outcome(sft_rows)
 
+
+def write_revised(out: Any, sft: Any, index: int, outcomes: tuple[Outcome, Outcome]) -> None:
+    """The pair to OUT and the (prompt, revision) row to the SFT file, each where not done yet
+    (a kill between the two writes leaves one behind, which the rerun completes)."""
+    for records, outcome in zip((out, sft), outcomes):
+        if records is not None and not records.is_done(index):
+            outcome.record(records, index)
