@@ -52,7 +52,6 @@ def worker(words: list[str]) -> int:
     return main(["train", *words])
 
 
-
 def launch(script: Path, words: list[str], log_dir: Path) -> tuple[int, str]:
     """torchrun with two processes on ``script``: (its exit status, everything it printed).
     --tee 3 prefixes each process's lines with [default<rank>]:; --standalone picks free ports, so
