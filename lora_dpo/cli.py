@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import Interrupted, LoraDpoError, joined
+from .errors import Interrupted, LoraDpoError, joined, lost_process
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO_PRETRAIN_STEPS = 300
@@ -191,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Messages built around a library's multi-line text still print as the one promised line.
         print(f"lora-dpo: error: {joined(str(exc))}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        # Another process of a launch stopped (its one line is above) while this one waited for it.
+        lost = None if args.debug else lost_process(exc)
+        if lost is None:
+            raise
+        print(f"lora-dpo: error: {lost}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lora-dpo: interrupted", file=sys.stderr)

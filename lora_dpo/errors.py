@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """The most telling line of a library error, short enough for a one-line message: the first
@@ -37,3 +39,30 @@ class Interrupted(LoraDpoError):
     def __init__(self, message: str, exit_code: int = 130):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# What gloo's TCP transport says when its connection to another process of a launch breaks: the
+# other end closed it (that process exited) or reset it, and the read or write that noticed fails.
+LOST_CONNECTION = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_process(exc: BaseException) -> LoraDpoError | None:
+    """The one-line error for a collective (an all-reduce, a barrier) that failed because another
+    process of the launch exited; None for anything else.
+
+    Under torchrun or accelerate launch, a process that stops with its own one-line error (out of
+    memory on its GPU) exits while the others wait for it in a collective, and gloo raises a
+    RuntimeError in each of them, whose traceback would bury the line that says why. Only these
+    transport messages count, and only in a launch (WORLD_SIZE above 1): any other RuntimeError
+    is a bug and keeps its traceback.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(exc, RuntimeError):
+        return None
+    text = one_line(exc)
+    phrase = next((phrase for phrase in LOST_CONNECTION if phrase in text), None)
+    if phrase is None:
+        return None
+    detail = text[text.index(phrase):].split(". ")[0]  # "Connection closed by peer [127.0.0.1]:23956"
+    return LoraDpoError(f"another process of this launch stopped (its message is above), so this one stops too "
+                        f"({detail}). Fix: what that message says, then launch again (--resume continues from "
+                        "the last checkpoint)")
