@@ -23,7 +23,21 @@ import torch
 from conftest import make_config, write_jsonl
 from test_distributed import adapter, assert_same_rows, free_port, rows
 
-SHARDED = dict(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")  # what accelerate launch sets from fsdp.yaml
+REPO = Path(__file__).resolve().parent.parent
+
+
+def launch_environment(config_file: Path) -> dict[str, str]:
+    """The FSDP variables `accelerate launch --config_file CONFIG_FILE` sets for its processes,
+    by accelerate's own launch code (the processes are not started)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "lora_dpo", "train", "x.yaml"])
+    args = _validate_launch_command(args)[0]  # (args, defaults, mixed precision from the file)
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("FSDP_", "ACCELERATE_USE_"))}
+
+
+SHARDED = launch_environment(REPO / "configs" / "accelerate" / "fsdp.yaml")  # what the workers run under
 
 
 def config_for(model_dir, train_file, out, *overrides):
@@ -113,6 +127,24 @@ def runs(llama_dir, demo_rows, tmp_path_factory):
                                           nprocs=2, join=True, start_method="spawn")
     reports = [json.loads((root / f"rank-{rank}.json").read_text()) for rank in range(2)]
     return root, train_file, single, reports
+
+
+def test_the_shipped_accelerate_configs_ask_for_what_lora_dpo_runs(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from lora_dpo.distributed import sharding_requested
+
+    assert SHARDED["ACCELERATE_USE_FSDP"] == "true" and SHARDED["FSDP_VERSION"] == "2"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in SHARDED.items():
+        monkeypatch.setenv(name, value)
+    settings = FullyShardedDataParallelPlugin()
+    assert sharding_requested() and settings.fsdp_version == 2 and settings.reshard_after_forward is True
+    for name in SHARDED:
+        monkeypatch.delenv(name)
+    for name, value in launch_environment(REPO / "configs" / "accelerate" / "ddp.yaml").items():
+        monkeypatch.setenv(name, value)
+    assert not sharding_requested()  # data-parallel: every process holds the whole base
 
 
 def test_the_4bit_base_and_the_adapter_are_sharded_over_the_processes(runs):
