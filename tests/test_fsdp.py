@@ -108,10 +108,19 @@ def worker(rank: int, port: int, model_dir: str, train_file: str, root: str) -> 
     run.processes.wait()  # both have stopped before either resumes
     train_module.train(config_for(model_dir, train_file, stopped, *overrides, "train.resume=always"), progress=False)
 
+    # DPO from an SFT adapter: the frozen copy of model.init_adapter is the reference, switched on
+    # inside the sharded model (peft's set_adapter) for the reference pass.
+    train_module.train(config_for(model_dir, train_file, root_path / "from-sft", *from_sft(root_path)), progress=False)
+
     # The reference precomputed in shares through the sharded model and gathered into one file.
     train_module.setup_run(config_for(model_dir, train_file, root_path / "precompute", "dpo.precompute_reference=true",
                                       f"dpo.reference_cache_dir={root_path / 'cache-fsdp'}"))
     (root_path / f"rank-{rank}.json").write_text(json.dumps(report), encoding="utf-8")
+
+
+def from_sft(root: Path) -> tuple[str, ...]:
+    return ("train.gradient_accumulation_steps=2", f"model.init_adapter={root / 'single'}", "train.max_steps=2",
+            "train.save_every=0")
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +204,17 @@ def test_a_signal_to_one_sharded_process_stops_both_with_a_checkpoint_that_resum
     a, b = adapter(root / "stopped"), adapter(root / "fsdp")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_dpo_from_an_sft_adapter_under_fsdp_uses_its_frozen_copy_as_the_reference(runs, llama_dir):
+    from lora_dpo.train import train
+
+    root, train_file = runs[0], runs[1]
+    overrides = [o.replace("accumulation_steps=2", "accumulation_steps=4") for o in from_sft(root)]
+    train(config_for(llama_dir, train_file, root / "from-sft-single", *overrides), progress=False)
+    got, want = rows(root / "from-sft"), rows(root / "from-sft-single")
+    assert got[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as its reference
+    assert_same_rows(got, want)
 
 
 def test_the_sharded_reference_precompute_is_the_single_process_table(runs, llama_dir):
