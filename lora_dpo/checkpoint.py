@@ -141,9 +141,13 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def remove_partial_writes(out_dir: Path) -> None:
-    """Temporary directories left by a run killed while saving."""
+    """What a run killed while saving left: a checkpoint's temporary directory, or the ``.tmp-``
+    sibling of a file written atomically (``records.write_text_atomic``)."""
     for path in out_dir.glob(".tmp-*"):
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def write_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, scaler: Any, trainer_state: dict[str, Any],

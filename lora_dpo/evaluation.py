@@ -475,10 +475,10 @@ def write_outputs(out: Path, result: EvalResult, sample_rows: list[dict[str, Any
 def _record_in_run(run_dir: Path, name: str) -> None:
     """List the eval directory among the files the run wrote, so --overwrite (and the demo's rerun)
     clears it with the rest of the run instead of leaving an earlier run's numbers behind."""
-    from .train import RUN_MARKER, _record_written
+    from .train import RUN_MARKER, record_written
 
     if (run_dir / RUN_MARKER).is_file():
-        _record_written(run_dir, {name})
+        record_written(run_dir, {name})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -214,7 +214,9 @@ def _clear_run(path: Path) -> None:
     (path / RUN_MARKER).unlink(missing_ok=True)
 
 
-def _record_written(path: Path, names: set[str]) -> None:
+def record_written(path: Path, names: set[str]) -> None:
+    """Add ``names`` (entries of the run directory ``path``) to what the run wrote (RUN_MARKER):
+    what ``--overwrite`` clears, and nothing else."""
     marker = path / RUN_MARKER
     known = set(json.loads(marker.read_text(encoding="utf-8")).get("files", [])) if marker.exists() else set()
     marker.write_text(json.dumps({"files": sorted(known | names | {SUMMARY_FILE})}) + "\n", encoding="utf-8")
@@ -765,7 +767,7 @@ def _open_output(out: Path, resume_from: Path | None, model: Any, optimizer: tor
         if (out / RUN_MARKER).is_file():
             _clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
-        _record_written(out, {"config.yaml", "metrics.jsonl", AUDIT_FILE, SAMPLES_FILE, "tensorboard", "wandb",
+        record_written(out, {"config.yaml", "metrics.jsonl", AUDIT_FILE, SAMPLES_FILE, "tensorboard", "wandb",
                               *REPORT_FILES})
         metrics_path.write_text("", encoding="utf-8")
     return {"step": 0, "pairs_consumed": 0, "epoch_draw": None, "skipped_steps": 0, "consecutive_bad_steps": 0,
@@ -948,7 +950,7 @@ def finish_run(run: Run) -> RunSummary:
         before = {entry.name for entry in out.iterdir()}
         save_adapter(run.model, out, weights)
         run.tokenizer.save_pretrained(out)
-        _record_written(out, {entry.name for entry in out.iterdir()} - before)
+        record_written(out, {entry.name for entry in out.iterdir()} - before)
     size = len(run.data.train)
     summary = RunSummary(str(out), run.total_steps, size, len(run.data.eval), time.perf_counter() - run.started,
                          run.last_train, run.state["last_eval"], run.state["skipped_steps"], run.start_step,

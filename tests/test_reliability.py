@@ -260,3 +260,14 @@ def test_resuming_with_changed_adapter_or_optimizer_settings_is_a_clear_error(ru
         assert main(["train", str(run_config), f"output.dir={out}", "--resume", change]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "cannot resume with changed" in err and "--overwrite" in err
+
+
+def test_partial_writes_of_a_killed_run_are_cleared_files_and_directories(tmp_path):
+    from lora_dpo.checkpoint import remove_partial_writes
+
+    (tmp_path / ".tmp-checkpoint-3-123").mkdir()
+    (tmp_path / ".tmp-checkpoint-3-123" / "adapter_model.safetensors").write_bytes(b"half")
+    (tmp_path / ".tmp-summary.json").write_text("{", encoding="utf-8")  # records.write_text_atomic's part
+    (tmp_path / "metrics.jsonl").write_text("", encoding="utf-8")
+    remove_partial_writes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
