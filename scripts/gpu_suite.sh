@@ -11,7 +11,9 @@
 # (STAGES="8b 8b-long 8b-partial", or STAGES=all); SKIP="..." leaves stages out. `collect` measures
 # `lora-dpo collect rank` (prompts/s, scripts/bench_collect.py); `plan` (scripts/plan_check.py)
 # checks the memory planner and emulates small cards; `sweep` times lora-dpo sweep against
-# separate train runs; none of the three is a default stage.
+# separate train runs; `fsdp` (scripts/fsdp_check.py) loads the 1B base the FSDP-QLoRA way and
+# shards it in a process group of one (load peak, log-prob agreement, step time against the
+# plain load); none of the four is a default stage.
 #
 # Time: every stage has a limit (LIMIT_<NAME>, e.g. LIMIT_8B_LONG) and a least time left to
 # start (8B stages: 90 s, for imports and the 4-bit load); the whole run ends within BUDGET
@@ -29,7 +31,7 @@
 # PLAN=1 prints the stages that would run (name, limit, least time to start) and runs nothing.
 # PYTHON names the interpreter (default python3).
 set -u
-known="8b 8b-long 8b-partial 8b-compile 1b collect plan sweep"
+known="8b 8b-long 8b-partial 8b-compile 1b collect plan sweep fsdp"
 stages=${STAGES:-8b 8b-long}
 [[ $stages == all ]] && stages=$known
 for name in $stages ${SKIP:-}; do
@@ -164,6 +166,12 @@ stage plan "${LIMIT_PLAN:-300}" 90 "$python" scripts/plan_check.py "${plan_flags
 # 3-trial beta sweep, each way a process of its own (7 processes, ~15 s of start-up and load each).
 [[ -n ${SMOKE:-} ]] && sweep_flags=(--steps 2 --device cpu) || sweep_flags=(--device cuda)
 stage sweep "${LIMIT_SWEEP:-240}" 60 "$python" scripts/bench_sweep.py "${sweep_flags[@]}" --json "$scratch/sweep-timing.json"
+# FSDP-QLoRA on the one card (docs/distributed.md): the 1B base loaded on the CPU and sharded onto
+# the GPU by a process group of one (NCCL takes one rank per GPU); the load's peak against the
+# resident size, log-probs and step losses against the plain load, and both ways' step time.
+# 90 s to start: bitsandbytes quantizes the sharded base on the CPU (about 1 s per 16M weights on 2 cores).
+[[ -n ${SMOKE:-} ]] && fsdp_flags=(--shape tiny --device cpu) || fsdp_flags=(--shape 1b --device cuda)
+stage fsdp "${LIMIT_FSDP:-150}" 90 "$python" scripts/fsdp_check.py "${fsdp_flags[@]}" --json "$scratch/fsdp.json"
 
 [[ -n ${PLAN:-} ]] && exit 0
 # The main comparison last, where the returned end of the output keeps it.

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -103,7 +104,7 @@ def test_plan_in_the_docs_is_the_script_and_fits_one_call(tmp_path):
     assert 'STAGES="8b 8b-long" bash scripts/gpu_suite.sh "$OUT"' in command
     every = _suite(tmp_path, PLAN="1", STAGES="all", SKIP="1b")
     assert [line.split()[0] for line in every.stdout.splitlines()] == ["8b", "8b-long", "8b-partial", "8b-compile",
-                                                                       "collect", "plan", "sweep"]
+                                                                       "collect", "plan", "sweep", "fsdp"]
 
 
 STAND_IN = r"""#!/usr/bin/env bash
@@ -193,7 +194,8 @@ def test_the_plan_stage_runs_plan_check_with_its_shapes_lengths_and_caps(tmp_pat
 def test_unknown_stage_names_are_refused(tmp_path):
     result = _suite(tmp_path, STAGES="8b 9b")
     assert result.returncode == 2
-    assert "gpu_suite: unknown stage '9b' in STAGES/SKIP; known: 8b 8b-long 8b-partial 8b-compile 1b collect plan sweep" in result.stderr
+    assert ("gpu_suite: unknown stage '9b' in STAGES/SKIP; known: 8b 8b-long 8b-partial 8b-compile 1b collect plan sweep fsdp"
+            in result.stderr)
 
 
 def test_the_sweep_stage_times_bench_sweep_and_is_not_a_default(tmp_path):
@@ -207,3 +209,65 @@ def test_the_sweep_stage_times_bench_sweep_and_is_not_a_default(tmp_path):
         ran = [call for call in calls if "bench_sweep.py" in call]
         assert ran == [f"scripts/bench_sweep.py {flags} --json {tmp_path / 'scratch' / 'sweep-timing.json'}"]
         assert "### sweep" in (tmp_path / "out" / "tables.md").read_text()
+
+
+def test_the_fsdp_stage_runs_fsdp_check_on_the_1b_shape_when_named(tmp_path):
+    """Not a default stage; named, it runs scripts/fsdp_check.py on the 1B shape on the GPU (SMOKE:
+    the tiny shape on the CPU), time-boxed by LIMIT_FSDP, its tables in tables.md."""
+    assert "fsdp" not in _suite(tmp_path, PLAN="1").stdout
+    assert _suite(tmp_path, PLAN="1", STAGES="fsdp").stdout.split() == ["fsdp", "150", "90"]
+    result, calls = _stand_in(tmp_path, "quick", STAGES="fsdp", LIMIT_FSDP="40", SUITE_START=str(int(time.time())))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^== fsdp \(limit 40s\): ", result.stdout, re.M)
+    assert calls[1:] == [f"scripts/fsdp_check.py --shape 1b --device cuda --json {tmp_path}/scratch/fsdp.json"]
+    assert "### fsdp\n\n| impl | stand-in table |" in (tmp_path / "out" / "tables.md").read_text()
+    result, calls = _stand_in(tmp_path, "quick", STAGES="fsdp", SMOKE="1", SUITE_START=str(int(time.time())))
+    assert result.returncode == 0, result.stderr
+    assert calls[-1] == f"scripts/fsdp_check.py --shape tiny --device cpu --json {tmp_path}/scratch/fsdp.json"
+
+
+def _fsdp_check(tmp_path, *flags):
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "fsdp_check.py"), "--shape", "tiny", "--device", "cpu",
+                             "--model-root", str(tmp_path), "--json", str(tmp_path / "fsdp.json"), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
+
+
+def test_fsdp_check_on_the_cpu_shards_a_process_group_of_one_and_agrees_with_the_plain_load(tmp_path):
+    """scripts/fsdp_check.py on the tiny shape (gloo, world size 1): the load, agreement and step
+    tables with both ways' rows; the sharded scorer's log-probs and step losses are the plain ones."""
+    check = _fsdp_check(tmp_path)
+    stdout, stderr = check.communicate(timeout=120)
+    assert check.returncode == 0, stderr[-3000:]
+    assert "process group gloo, world size 1" in stdout and "PARTIAL" not in stdout
+    assert "| impl | load + shard s | allocated before GiB | peak allocated GiB |" in stdout
+    assert len(re.findall(r"^\| sharded \(FSDP2, 1 process\) \| ", stdout, re.M)) == 2  # load and steps
+    assert len(re.findall(r"^\| plain \| ", stdout, re.M)) == 2
+    assert re.search(r"^\| policy \| 8 \| ", stdout, re.M) and re.search(r"^\| reference \| 8 \| ", stdout, re.M)
+    report = json.loads((tmp_path / "fsdp.json").read_text())
+    assert report["settings"]["backend"] == "gloo" and not report.get("partial")
+    assert [r["impl"] for r in report["load"]] == [r["impl"] for r in report["steps"]] == [
+        "sharded (FSDP2, 1 process)", "plain"]
+    policy, reference = report["agreement"]
+    assert policy["pass"] == "policy" and reference["pass"] == "reference"
+    assert policy["max_abs_diff"] < 1e-4 and reference["max_abs_diff"] < 1e-4  # float32 on the CPU
+    assert policy["policy_vs_reference"] > 1e-3  # the adapter is on: the policy row checks something
+    assert policy["max_abs_logp"] > 10
+    assert all(len(r["losses"]) == 4 and r["s_per_step"] > 0 for r in report["steps"])
+    assert report["loss_diff"] < 1e-5
+    assert f"Step losses, sharded against plain: max abs diff {report['loss_diff']:.3g}." in stdout
+
+
+def test_fsdp_check_stopped_by_sigterm_prints_and_writes_what_finished(tmp_path):
+    check = _fsdp_check(tmp_path, "--steps", "300")  # the steps would outlast the test; SIGTERM ends them
+    for line in check.stderr:
+        if line.startswith("  sharded: loaded in"):
+            break
+    check.send_signal(signal.SIGTERM)
+    stdout, _ = check.communicate(timeout=60)
+    assert check.returncode == 0
+    assert "(PARTIAL: stopped by SIGTERM; the rows below finished)" in stdout
+    assert re.search(r"^\| sharded \(FSDP2, 1 process\) \| ", stdout, re.M)
+    report = json.loads((tmp_path / "fsdp.json").read_text())
+    assert report["partial"] and [r["impl"] for r in report["load"]] == ["sharded (FSDP2, 1 process)"]
+    assert report["steps"] == [] and report["agreement"] == []
