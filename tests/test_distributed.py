@@ -9,6 +9,7 @@ precompute. The parent compares them with one process running the same work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -53,14 +54,55 @@ def assert_same_rows(got: list[dict], want: list[dict]) -> None:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], a["split"], key)
 
 
+def join_launch(rank: int, port: int, **variables: str) -> None:
+    """Become process ``rank`` of a two-process launch: the variables torchrun sets, and ``variables``
+    (what accelerate launch adds from its config file)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **variables)
+    torch.set_num_threads(1)
+
+
+def launch_two(worker, root: Path, *args: str) -> list[dict]:
+    """Run ``worker(rank, port, *args, root)`` in two spawned processes; their reports (root/rank-R.json)."""
+    torch.multiprocessing.start_processes(worker, args=(free_port(), *args, str(root)), nprocs=2, join=True,
+                                          start_method="spawn")
+    return [json.loads((root / f"rank-{rank}.json").read_text()) for rank in range(2)]
+
+
+@contextlib.contextmanager
+def signal_after_step_one(train_module, rank: int):
+    """Within the block, process 1 sends itself SIGTERM once its step 1 is done."""
+    real_step = train_module.train_step
+
+    def step_then_signal(run, step):
+        row = real_step(run, step)
+        if step == 1 and rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return row
+
+    train_module.train_step = step_then_signal
+    try:
+        yield
+    finally:
+        train_module.train_step = real_step
+
+
+def exit_of(train_module, config) -> int | None:
+    """The exit status a run stopped by a signal ends with (None: it finished)."""
+    from lora_dpo.errors import Interrupted
+
+    try:
+        train_module.train(config, progress=False)
+    except Interrupted as exc:
+        return exc.exit_code
+    return None
+
+
 def worker(rank: int, port: int, model_dir: str, train_file: str, root: str) -> None:
     """One of the two processes; writes what the parent checks to root/rank-R.json."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    join_launch(rank, port)
     import lora_dpo.train as train_module
     from lora_dpo.batching import collate, pair_logps
-    from lora_dpo.errors import Interrupted
     from lora_dpo.modeling import load_base, reference_model
 
     root_path, report = Path(root), {}
@@ -89,22 +131,8 @@ def worker(rank: int, port: int, model_dir: str, train_file: str, root: str) -> 
 
     # SIGTERM to process 1 alone, after step 1: both stop there with one checkpoint, then resume.
     stopped = root_path / "stopped"
-    real_step = train_module.train_step
-
-    def step_then_signal(run, step):
-        row = real_step(run, step)
-        if step == 1 and rank == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return row
-
-    train_module.train_step = step_then_signal
-    try:
-        train_module.train(config_for(model_dir, train_file, stopped, "train.save_every=0"), progress=False)
-        report["stop_exit"] = None
-    except Interrupted as exc:
-        report["stop_exit"] = exc.exit_code
-    finally:
-        train_module.train_step = real_step
+    with signal_after_step_one(train_module, rank):
+        report["stop_exit"] = exit_of(train_module, config_for(model_dir, train_file, stopped, "train.save_every=0"))
     report["after_stop"] = sorted(p.name for p in stopped.iterdir())
     run.processes.wait()  # both have looked before either resumes
     train_module.train(config_for(model_dir, train_file, stopped, "train.save_every=0", "train.resume=always"),
@@ -139,10 +167,7 @@ def runs(llama_dir, demo_rows, tmp_path_factory):
     train_file = write_jsonl(root / "pairs.jsonl", demo_rows)
     single = train(config_for(llama_dir, train_file, root / "single", "train.gradient_accumulation_steps=2"),
                    progress=False)
-    torch.multiprocessing.start_processes(worker, args=(free_port(), str(llama_dir), str(train_file), str(root)),
-                                          nprocs=2, join=True, start_method="spawn")
-    reports = [json.loads((root / f"rank-{rank}.json").read_text()) for rank in range(2)]
-    return root, train_file, single, reports
+    return root, train_file, single, launch_two(worker, root, str(llama_dir), str(train_file))
 
 
 def test_two_processes_train_what_one_trains_over_the_same_global_batch(runs):

@@ -13,7 +13,6 @@ running the same global batch.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_config, write_jsonl
-from test_distributed import adapter, assert_same_rows, free_port, rows
+from test_distributed import adapter, assert_same_rows, exit_of, join_launch, launch_two, rows, signal_after_step_one
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,15 +50,12 @@ def config_for(model_dir, train_file, out, *overrides):
 
 def worker(rank: int, port: int, model_dir: str, train_file: str, root: str) -> None:
     """One of the two processes; writes what the parent checks to root/rank-R.json."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **SHARDED)
-    torch.set_num_threads(1)
+    join_launch(rank, port, **SHARDED)
     import bitsandbytes as bnb
     from torch.distributed.tensor import DTensor
 
     import lora_dpo.train as train_module
     from lora_dpo.batching import collate, pair_logps
-    from lora_dpo.errors import Interrupted
     from lora_dpo.modeling import load_base, reference_model
 
     root_path, report = Path(root), {}
@@ -88,23 +84,9 @@ def worker(rank: int, port: int, model_dir: str, train_file: str, root: str) -> 
 
     # SIGTERM to process 1 alone, after step 1: both stop there with one checkpoint, then resume.
     stopped = root_path / "stopped"
-    real_step = train_module.train_step
-
-    def step_then_signal(run, step):
-        row = real_step(run, step)
-        if step == 1 and rank == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return row
-
-    train_module.train_step = step_then_signal
     overrides = ("train.gradient_accumulation_steps=2", "train.save_every=0")
-    try:
-        train_module.train(config_for(model_dir, train_file, stopped, *overrides), progress=False)
-        report["stop_exit"] = None
-    except Interrupted as exc:
-        report["stop_exit"] = exc.exit_code
-    finally:
-        train_module.train_step = real_step
+    with signal_after_step_one(train_module, rank):
+        report["stop_exit"] = exit_of(train_module, config_for(model_dir, train_file, stopped, *overrides))
     run.processes.wait()  # both have stopped before either resumes
     train_module.train(config_for(model_dir, train_file, stopped, *overrides, "train.resume=always"), progress=False)
 
@@ -132,10 +114,7 @@ def runs(llama_dir, demo_rows, tmp_path_factory):
     train_file = write_jsonl(root / "pairs.jsonl", demo_rows)
     single = train(config_for(llama_dir, train_file, root / "single", "train.gradient_accumulation_steps=4"),
                    progress=False)
-    torch.multiprocessing.start_processes(worker, args=(free_port(), str(llama_dir), str(train_file), str(root)),
-                                          nprocs=2, join=True, start_method="spawn")
-    reports = [json.loads((root / f"rank-{rank}.json").read_text()) for rank in range(2)]
-    return root, train_file, single, reports
+    return root, train_file, single, launch_two(worker, root, str(llama_dir), str(train_file))
 
 
 def test_the_shipped_accelerate_configs_ask_for_what_lora_dpo_runs(monkeypatch):
