@@ -44,7 +44,7 @@ What generates text (train.sample_every, eval.after_training) or changes the mod
 (TR-DPO, model.compile, micro_batch_size auto, paged 8-bit optimizers) is refused with one line.
 
 Gradient maths: each process's loss is its pairs' summed losses x processes / the step's pairs
-on all processes; DDP averages the gradients over the processes, which gives the gradient of the
+on all processes; DDP averages the gradients over the processes (FSDP's reduce-scatter too), which gives the gradient of the
 mean over all the step's pairs, the same as one process running the whole global batch.
 """
 
