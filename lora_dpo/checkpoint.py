@@ -169,7 +169,7 @@ def write_checkpoint(out_dir: Path, step: int, model: Any, optimizer: Any, scale
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     save_adapter(model, temporary, adapter_weights)
-    save_reference(model, temporary)  # TR-DPO moves the reference: a resume needs the one it had
+    save_reference(model, temporary, adapter_weights)  # TR-DPO moves the reference: a resume needs the one it had
     save_state(optimizer_state if optimizer_state is not None else optimizer.state_dict(), temporary, "optimizer")
     extra: dict[str, Any] = {"rng": rng_state()}
     if rank_rngs is not None:
@@ -225,7 +225,7 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any, metr
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:
                 raise RuntimeError(f"unexpected adapter weights such as {unexpected[0]}")
-        restore_reference(model, path)
+        restore_reference(model, path, processes)
         optimizer.load_state_dict(load_state(path, "optimizer"))
         if sharded:
             processes.shard_optimizer_state(optimizer)

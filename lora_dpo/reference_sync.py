@@ -117,25 +117,31 @@ def sync_reference(model: Any, alpha: float) -> float:
     return worst
 
 
-def save_reference(model: Any, directory: Path) -> None:
-    """Write the reference adapter's weights into a checkpoint directory (nothing without one)."""
+def save_reference(model: Any, directory: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the reference adapter's weights into a checkpoint directory (nothing without one).
+    ``weights``: a sharded model's LoRA weights gathered whole (``distributed.Processes.whole_adapter``)."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     if REFERENCE_ADAPTER not in getattr(model, "peft_config", {}):
         return
-    state = get_peft_model_state_dict(model, adapter_name=REFERENCE_ADAPTER, save_embedding_layers=False)
+    state = get_peft_model_state_dict(model, state_dict=weights, adapter_name=REFERENCE_ADAPTER,
+                                      save_embedding_layers=False)
     save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, str(directory / REFERENCE_FILE))
 
 
-def restore_reference(model: Any, directory: Path) -> None:
+def restore_reference(model: Any, directory: Path, processes: Any = None) -> None:
     """Load the reference adapter a checkpoint holds into the model's own (a checkpoint without one
-    leaves the model's reference as it was loaded)."""
+    leaves the model's reference as it was loaded); a sharded model (``processes.sharded``) into
+    its shards."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     path = directory / REFERENCE_FILE
     if not path.is_file() or REFERENCE_ADAPTER not in getattr(model, "peft_config", {}):
+        return
+    if processes is not None and processes.sharded:
+        processes.load_adapter(model, load_file(str(path)), REFERENCE_ADAPTER)
         return
     result = set_peft_model_state_dict(model, load_file(str(path)), adapter_name=REFERENCE_ADAPTER)
     if getattr(result, "unexpected_keys", []):

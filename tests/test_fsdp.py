@@ -92,7 +92,13 @@ def worker(rank: int, port: int, model_dir: str, train_file: str, root: str) -> 
 
     # DPO from an SFT adapter: the frozen copy of model.init_adapter is the reference, switched on
     # inside the sharded model (peft's set_adapter) for the reference pass.
-    train_module.train(config_for(model_dir, train_file, root_path / "from-sft", *from_sft(root_path)), progress=False)
+    # Stopped after step 1 and resumed: the checkpoint holds the reference adapter, gathered whole.
+    from_sft_run = config_for(model_dir, train_file, root_path / "from-sft", *from_sft(root_path))
+    with signal_after_step_one(train_module, rank):
+        report["from_sft_stop"] = exit_of(train_module, from_sft_run)
+    run.processes.wait()
+    train_module.train(config_for(model_dir, train_file, root_path / "from-sft", *from_sft(root_path),
+                                  "train.resume=always"), progress=False)
 
     # The reference precomputed in shares through the sharded model and gathered into one file.
     train_module.setup_run(config_for(model_dir, train_file, root_path / "precompute", "dpo.precompute_reference=true",
@@ -186,6 +192,8 @@ def test_a_signal_to_one_sharded_process_stops_both_with_a_checkpoint_that_resum
 
 
 def test_dpo_from_an_sft_adapter_under_fsdp_uses_its_frozen_copy_as_the_reference(runs, llama_dir):
+    from safetensors.torch import load_file
+
     from lora_dpo.train import train
 
     root, train_file = runs[0], runs[1]
@@ -193,7 +201,12 @@ def test_dpo_from_an_sft_adapter_under_fsdp_uses_its_frozen_copy_as_the_referenc
     train(config_for(llama_dir, train_file, root / "from-sft-single", *overrides), progress=False)
     got, want = rows(root / "from-sft"), rows(root / "from-sft-single")
     assert got[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as its reference
-    assert_same_rows(got, want)
+    assert_same_rows(got, want)  # stopped after step 1 and resumed from checkpoint-1 on the way
+    assert [r["from_sft_stop"] for r in runs[3]] == [128 + signal.SIGTERM] * 2
+    saved = load_file(str(root / "from-sft" / "checkpoint-1" / "reference_adapter.safetensors"))
+    assert saved.keys() == adapter(root / "single").keys()
+    for name, value in adapter(root / "single").items():
+        torch.testing.assert_close(saved[name], value)  # the frozen copy of the SFT adapter, whole
 
 
 def test_the_sharded_reference_precompute_is_the_single_process_table(runs, llama_dir):
