@@ -15,6 +15,13 @@ plus the gradients in flight). The reference pass (no grad) keeps nothing and pe
 adds only where it would not. Every byte count below states where it comes from; the constants
 that are not exact sizes (per-token activation bytes, CUDA context, allocator slack) are
 predictions until the `plan` stage of scripts/gpu_suite.sh measures them.
+
+Several GPUs (``Sharding``, ``lora-dpo plan --processes N [--sharded]``): every number is per
+GPU. Data-parallel, a GPU needs one GPU's plan and DDP's gradient buckets. Sharded (FSDP2, as
+``distributed.shard_model`` lays the units out), the weights and the LoRA state are 1/N, the
+quantization constants stay whole, and ``gathered_phases`` adds what each phase of the step
+holds whole (a third phase, the embeddings' forward, competes with the two above);
+``gpus_needed`` is the fewest GPUs that fit when nothing does. Unmeasured on GPUs.
 """
 
 from __future__ import annotations
@@ -524,11 +531,8 @@ class MemoryPlan:
     context: int
     paged: int
     """Paged optimizer state: managed memory, outside torch's counters and movable to CPU RAM."""
-    sharding: "Sharding" = None  # type: ignore[assignment]
+    sharding: Sharding = ONE_GPU
     """The GPUs the run spreads over; every byte above is per GPU."""
-
-    def __post_init__(self) -> None:
-        self.sharding = self.sharding or ONE_GPU
 
     @property
     def on_card(self) -> int:

@@ -224,6 +224,7 @@ def test_the_models_and_cards_table_in_the_docs_is_the_planners():
     between = docs.split("<!-- scripts/memory_table.py: begin -->\n")[1].split("\n<!-- scripts/memory_table.py: end -->")[0]
     assert between == table.card_table() + "\n\n" + table.calibration_table()
     assert "| Llama-3.1-70B | 70.6B | does not fit |" in between and "| 0.96 GiB allocated | 0.96 GiB |" in between
+    assert "| Llama-3.1-70B, sharded over 4 cards (FSDP) | 70.6B | does not fit |" in between
 
 
 def test_oom_message_carries_the_planners_choice(llama_dir, monkeypatch):
