@@ -514,7 +514,7 @@ class Part:
     kind: str = "step"
     """weights (loaded with the model), state (LoRA and optimizer, for the whole run) or step."""
     sharded: bool = False
-    """Split over the processes (FSDP): ``bytes`` is one process's share."""
+    """Split over the processes (FSDP), wholly or in part: ``bytes`` is what one process holds."""
 
 
 @dataclass
