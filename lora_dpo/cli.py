@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=2048")
     plan.add_argument("--gpu-memory", metavar="SIZE",
                       help="memory of the card to plan for, e.g. 12GiB (default: the visible GPU's free memory)")
+    plan.add_argument("--processes", type=int, default=1, metavar="N",
+                      help="plan each GPU of a launch of N processes (data-parallel: each holds the whole model)")
+    plan.add_argument("--sharded", action="store_true",
+                      help="with --processes N: the model sharded over the N GPUs (FSDP, docs/distributed.md)")
     plan.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
     merge = commands.add_parser("merge", help="merge an adapter into its base and save a standalone model (docs/merge.md)")
@@ -231,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
         from .memory import plan_command
 
         _quiet_libraries()
-        return plan_command(load_config(args.config, args.overrides), args.gpu_memory)
+        return plan_command(load_config(args.config, args.overrides), args.gpu_memory, args.processes, args.sharded)
     if args.command in COMMAND_RUNNERS:
         module, function = COMMAND_RUNNERS[args.command]
         _quiet_libraries()

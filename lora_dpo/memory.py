@@ -15,6 +15,13 @@ plus the gradients in flight). The reference pass (no grad) keeps nothing and pe
 adds only where it would not. Every byte count below states where it comes from; the constants
 that are not exact sizes (per-token activation bytes, CUDA context, allocator slack) are
 predictions until the `plan` stage of scripts/gpu_suite.sh measures them.
+
+Several GPUs (``Sharding``, ``lora-dpo plan --processes N [--sharded]``): every number is per
+GPU. Data-parallel, a GPU needs one GPU's plan and DDP's gradient buckets. Sharded (FSDP2, as
+``distributed.shard_model`` lays the units out), the weights and the LoRA state are 1/N, the
+quantization constants stay whole, and ``gathered_phases`` adds what each phase of the step
+holds whole (a third phase, the embeddings' forward, competes with the two above);
+``gpus_needed`` is the fewest GPUs that fit when nothing does. Unmeasured on GPUs.
 """
 
 from __future__ import annotations
@@ -376,6 +383,123 @@ def optimizer_bytes(sizes: list[int], optim: str) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Several GPUs: data-parallel, or the model sharded over them (FSDP2, lora_dpo/distributed.py)
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a run spreads over GPUs: ``processes`` of them (one each), the model sharded over
+    them with FSDP2 or whole on every one (data-parallel, DDP)."""
+
+    processes: int = 1
+    sharded: bool = False
+
+    def share(self, size: int) -> int:
+        """One process's share of ``size`` bytes that FSDP splits. Each tensor is padded to a
+        multiple of N rows first; that padding (a few rows per tensor) is not counted."""
+        return -(-int(size) // self.processes) if self.sharded else int(size)
+
+    def describe(self) -> str:
+        if self.sharded:
+            return (f"per GPU of {self.processes} processes, the model sharded over them (FSDP2; planned with "
+                    "fsdp_reshard_after_forward: true and fsdp_offload_params: false, as configs/accelerate/fsdp.yaml)")
+        if self.processes > 1:
+            return (f"per GPU of {self.processes} data-parallel processes: each GPU holds the whole model and its "
+                    "micro-batches, so it needs what one GPU needs, plus DDP's gradient buckets")
+        return "one GPU"
+
+
+ONE_GPU = Sharding()
+
+
+@dataclass(frozen=True)
+class FsdpUnits:
+    """Whole sizes, in bytes, of the FSDP units that are gathered (``distributed.shard_model``)."""
+
+    layer: int
+    """One decoder layer: its linear weights (4-bit packed, stored in the compute dtype), its two
+    norms and its LoRA weights in float32."""
+    embeddings: int
+    """What the embedding forward gathers: the embeddings' unit, or the tail unit when tied."""
+    tail: int
+    """The final norm and the head (the shared embeddings when tied)."""
+    layer_lora_gradients: int
+    """One layer's LoRA gradients in float32: what its backward reduce-scatters."""
+
+
+def fsdp_units(shape: ModelShape, config: Config, lora_params: int) -> FsdpUnits:
+    """The gathered sizes of ``shape``'s units, with ``lora_params`` LoRA weights over all layers
+    (an init adapter's frozen reference copy is in the layers too, without gradients)."""
+    dtype_bytes = 4 if config.model.compute_dtype == "float32" else 2
+    linear = shape.quantized_params() // shape.layers
+    linear_bytes = linear // 2 if config.model.load_in_4bit else linear * dtype_bytes
+    lora_layer = lora_params // shape.layers
+    lora_copies = 2 if config.model.init_adapter else 1
+    tail = (shape.vocab_size * shape.hidden_size + shape.hidden_size) * dtype_bytes
+    return FsdpUnits(layer=linear_bytes + 2 * shape.hidden_size * dtype_bytes + 4 * lora_layer * lora_copies,
+                     embeddings=tail if shape.tied else shape.vocab_size * shape.hidden_size * dtype_bytes,
+                     tail=tail, layer_lora_gradients=4 * lora_layer)
+
+
+def gathered(size: int, sharding: Sharding) -> int:
+    """A unit gathered whole, and the all-gather's input: a copy of this process's shard."""
+    return size + sharding.share(size)
+
+
+def gathered_phases(units: FsdpUnits, sharding: Sharding) -> dict[str, dict[str, tuple[int, str]]]:
+    """What each phase of a sharded step holds whole beside the shards: {phase: {part: (bytes, note)}}.
+
+    FSDP2 gathers a layer for its forward and again for its backward, and prefetches the next
+    unit while one runs (in forward and backward order), so two units are whole at once: the one
+    running and the next one's all-gather output. The tail unit stays gathered from its forward
+    through the log-prob chunks' backward; the embeddings are whole only for their forward (the
+    start of the forward, with the first layer prefetched). A layer's backward also holds its LoRA
+    gradients whole, and the reduce-scatter's input copy of them and its output shard.
+    """
+    layer = gathered(units.layer, sharding)
+    scatter = 2 * units.layer_lora_gradients + sharding.share(units.layer_lora_gradients)
+    return {
+        "the head": {"gathered: norm and head, and the last layer prefetched": (
+            gathered(units.tail, sharding) + layer, "the tail unit whole through the log-prob chunks, the last "
+            "decoder layer whole for its backward, and their all-gather inputs (a shard each)")},
+        "a layer's backward": {
+            "gathered: two decoder layers": (2 * layer, "the layer in backward and the next one prefetched, whole, "
+                                                        "and their all-gather inputs (a shard each)"),
+            "reduce-scatter of a layer's LoRA gradients": (scatter, "float32: the layer's gradients whole, the "
+                                                                    "reduce-scatter's input copy and its output shard")},
+        "the embeddings' forward": {"gathered: embeddings, and the first layer prefetched": (
+            gathered(units.embeddings, sharding) + layer, "at the start of the forward (counted as if the "
+            "checkpoints were held, on the side of caution)")},
+    }
+
+
+def fsdp_config(config: Config) -> Config:
+    """``config`` as a sharded run must have it: train.optim=adamw (distributed.check_sharded_config
+    refuses the paged 8-bit optimizers: their state lives outside FSDP's shards)."""
+    return config if config.train.optim == "adamw" else with_overrides(config, ["train.optim=adamw"])
+
+
+def sharded_refusals(config: Config) -> list[str]:
+    """What the plan changed or assumed because a sharded run refuses it, and the first other
+    setting ``distributed.check_sharded_config`` would stop the run on (one line each)."""
+    notes = []
+    if config.train.optim != "adamw":
+        notes.append(f"train.optim={config.train.optim} is refused under FSDP: planned with train.optim=adamw "
+                     "(set it in the config)")
+    if config.train.micro_batch_size == "auto":
+        notes.append("train.micro_batch_size=auto is refused under FSDP: set the micro-batch planned below")
+    from .distributed import check_sharded_config
+
+    numeric = with_overrides(fsdp_config(config), ["train.micro_batch_size=1"]) if \
+        config.train.micro_batch_size == "auto" else fsdp_config(config)
+    try:
+        check_sharded_config(numeric)
+    except ConfigError as exc:
+        notes.append(f"the run would stop before loading: {exc}")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
 # The plan
 
 
@@ -389,6 +513,8 @@ class Part:
     note: str = ""
     kind: str = "step"
     """weights (loaded with the model), state (LoRA and optimizer, for the whole run) or step."""
+    sharded: bool = False
+    """Split over the processes (FSDP), wholly or in part: ``bytes`` is what one process holds."""
 
 
 @dataclass
@@ -405,6 +531,8 @@ class MemoryPlan:
     context: int
     paged: int
     """Paged optimizer state: managed memory, outside torch's counters and movable to CPU RAM."""
+    sharding: Sharding = ONE_GPU
+    """The GPUs the run spreads over; every byte above is per GPU."""
 
     @property
     def on_card(self) -> int:
@@ -417,7 +545,8 @@ class MemoryPlan:
     def table(self) -> str:
         lines = ["| part | GiB | at the peak | note |", "|---|---|---|---|"]
         for part in self.parts:
-            lines.append(f"| {part.name} | {gib(part.bytes)} | {gib(part.counted)} | {part.note} |")
+            name = f"{part.name}, sharded: 1/{self.sharding.processes} per GPU" if part.sharded else part.name
+            lines.append(f"| {name} | {gib(part.bytes)} | {gib(part.counted)} | {part.note} |")
         lines.append(f"| **peak allocated (predicted)** | | **{gib(self.allocated)}** | torch.cuda.max_memory_allocated |")
         lines.append(f"| **peak reserved (predicted)** | | **{gib(self.reserved)}** | torch.cuda.max_memory_reserved |")
         lines.append(f"| CUDA context | {gib(self.context)} | {gib(self.context)} | outside torch's counters (predicted) |")
@@ -431,10 +560,15 @@ def gib(size: int) -> str:
 
 def plan_memory(shape: ModelShape, config: Config, batch: MicroBatch | None = None, *,
                 micro_batch_size: int | None = None, max_length: int | None = None,
-                expandable_segments: bool = True) -> MemoryPlan:
+                expandable_segments: bool = True, sharding: Sharding = ONE_GPU) -> MemoryPlan:
     """Predicted peak memory of ``config``'s training step on ``batch`` (default: the longest
-    micro-batch of ``micro_batch_size`` pairs at ``max_length``, both defaulting to the config's).
-    Pure arithmetic: nothing is loaded."""
+    micro-batch of ``micro_batch_size`` pairs at ``max_length``, both defaulting to the config's),
+    per GPU of ``sharding``. Pure arithmetic: nothing is loaded.
+
+    Sharded, every weight, the LoRA weights, their gradients and the optimizer state are one
+    process's share, except the quantization constants and the bf16 autocast copies of the LoRA
+    weights (whole on every GPU); ``gathered_phases`` adds the units each phase holds whole.
+    The activations are one GPU's with the same micro-batch."""
     model, lora, dpo = config.model, config.lora, config.dpo
     micro = micro_batch_size or (config.train.micro_batch_size if isinstance(config.train.micro_batch_size, int) else 1)
     length = max_length or config.data.max_length
@@ -449,32 +583,45 @@ def plan_memory(shape: ModelShape, config: Config, batch: MicroBatch | None = No
     lora_params = sum(sizes)
     parts: list[Part] = []
 
-    def add(name: str, size: int, note: str = "", counted: int | None = None, kind: str = "step") -> None:
+    def add(name: str, size: int, note: str = "", counted: int | None = None, kind: str = "step",
+            sharded: bool = False) -> None:
         size = int(size)
-        parts.append(Part(name, size, size if counted is None else int(counted), note, kind))
+        parts.append(Part(name, size, size if counted is None else int(counted), note, kind, sharded))
+
+    split, share = sharding.sharded, sharding.share  # what FSDP splits over the processes, and one's share
 
     quantized = shape.quantized_params()
     if model.load_in_4bit:
-        add("4-bit weights (NF4)", quantized / 2, f"{quantized / 1e9:.2f}B weights of the decoder's linear layers, "
-            "two per byte", kind="weights")
+        add("4-bit weights (NF4)", share(quantized // 2), f"{quantized / 1e9:.2f}B weights of the decoder's linear layers, "
+            "two per byte" + (", stored in the compute dtype" if split else ""), kind="weights", sharded=split)
         constants = quantized * (1 / NF4_BLOCK + 4 / (NF4_BLOCK * DOUBLE_QUANT_BLOCK)) if model.double_quant \
             else quantized * 4 / NF4_BLOCK
-        add("quantization constants", constants, "absmax per 64 weights, 8-bit with a float32 per 256 (double "
+        add("quantization constants", constants, ("absmax per 64 weights, 8-bit with a float32 per 256 (double "
             "quantization)" if model.double_quant else "float32 absmax per 64 weights (model.double_quant=true "
-            "saves 0.37 bits per weight)", kind="weights")
+            "saves 0.37 bits per weight)") + ("; whole on every GPU: bitsandbytes keeps them beside each weight, "
+                                              "not as FSDP parameters" if split else ""), kind="weights")
     else:
-        add("16-bit weights of the linear layers", quantized * dtype_bytes, "model.load_in_4bit=false", kind="weights")
-    add("16-bit weights (embeddings, head, norms)", shape.unquantized_params() * dtype_bytes,
-        "embeddings" + (" (tied head)" if shape.tied else " and the output head") + ", norms, in the compute dtype", kind="weights")
+        add("16-bit weights of the linear layers", share(quantized * dtype_bytes), "model.load_in_4bit=false", kind="weights",
+            sharded=split)
+    add("16-bit weights (embeddings, head, norms)", share(shape.unquantized_params() * dtype_bytes),
+        "embeddings" + (" (tied head)" if shape.tied else " and the output head") + ", norms, in the compute dtype", kind="weights",
+        sharded=split)
     # With an init adapter its frozen float32 copy is the reference: 4 more bytes per weight.
-    add("LoRA weights", lora_params * (4 + 2 + (4 if model.init_adapter else 0)),
-        f"{lora_params / 1e6:.1f}M in float32, and their bf16 copies under autocast" + (
+    master = lora_params * (4 + (4 if model.init_adapter else 0))
+    # Sharded, the float32 weights are split; autocast's bf16 copies are of the gathered weights.
+    add("LoRA weights", share(master) + lora_params * 2,
+        f"{lora_params / 1e6:.1f}M in float32" + (" (sharded)" if split else "") + ", and their bf16 copies under "
+        "autocast" + (" (whole)" if split else "") + (
             "; planned as r=16 on every linear layer, with the frozen reference copy (model.init_adapter)"
-            if model.init_adapter else ""), kind="state")
-    add("LoRA gradients", lora_params * 4, "float32, kept across the micro-batches of a step", kind="state")
+            if model.init_adapter else ""), kind="state", sharded=split)
+    add("LoRA gradients", share(lora_params * 4), "float32, kept across the micro-batches of a step", kind="state",
+        sharded=split)
     on_gpu, paged = optimizer_bytes(sizes, config.train.optim)
-    add("optimizer state", on_gpu, "AdamW: two float32 moments" if config.train.optim == "adamw"
-        else "8-bit moments of the tensors too small to page (under 100k elements)", kind="state")
+    add("optimizer state", share(on_gpu), "AdamW: two float32 moments" if config.train.optim == "adamw"
+        else "8-bit moments of the tensors too small to page (under 100k elements)", kind="state", sharded=split)
+    if sharding.processes > 1 and not split:
+        add("DDP gradient buckets", lora_params * 4, "float32: DDP all-reduces the gradients through a copy of "
+            "them, held for the whole run", kind="state")
     add("paged optimizer state", paged, "CUDA managed memory, outside torch's counters: the driver moves it to CPU "
         "RAM when the card runs short (a PCIe copy per step)" if paged else "none" + (
             " (train.optim=adamw)" if config.train.optim == "adamw" else ": every state tensor is under 100k elements"),
@@ -512,16 +659,20 @@ def plan_memory(shape: ModelShape, config: Config, batch: MicroBatch | None = No
         "backward working memory": (n * backward_work_bytes(shape) + largest_linear * 2,
                                     "gradients in flight and the largest weight dequantized to bf16"),
     }
-    head_total = sum(size for size, _ in head_phase.values())
-    layer_total = sum(size for size, _ in layer_phase.values())
-    head_wins = head_total >= layer_total
-    for phase, wins, other in ((head_phase, head_wins, "a layer's backward"), (layer_phase, not head_wins, "the head")):
-        for name, (size, note) in phase.items():
-            add(name, size, note if wins else f"{note}; not at the peak ({other} needs more)", None if wins else 0)
+    phases = {"the head": head_phase, "a layer's backward": layer_phase}
+    units = fsdp_units(shape, config, lora_params) if split else None
+    if units:
+        for phase, extra in gathered_phases(units, sharding).items():
+            phases.setdefault(phase, {}).update(extra)
+    add_peak_phase(add, phases)
     policy_peak = sum(part.counted for part in parts)
 
     static = sum(part.counted for part in parts if part.kind in ("weights", "state"))
-    reference_peak = static + masks + n * 2 * h + max(n * no_grad_layer_bytes(shape), chunk * v * LOGITS_FORWARD_BYTES)
+    # Sharded, the reference pass gathers as the policy's forward does: two layers, then the tail.
+    layer_gathered, tail_gathered = (2 * gathered(units.layer, sharding), gathered(units.tail, sharding)) \
+        if units else (0, 0)
+    reference_peak = static + masks + n * 2 * h + max(n * no_grad_layer_bytes(shape) + layer_gathered,
+                                                      chunk * v * LOGITS_FORWARD_BYTES + tail_gathered)
     from .losses import needs_reference
 
     if not needs_reference(dpo):
@@ -536,7 +687,18 @@ def plan_memory(shape: ModelShape, config: Config, batch: MicroBatch | None = No
     add("allocator slack", allocated * slack, f"{slack:.0%} of allocated ("
         + ("expandable segments" if expandable_segments else "PyTorch's default allocator") + ")")
     reserved = sum(part.counted for part in parts)
-    return MemoryPlan(shape, batch, micro, length, parts, allocated, reserved, CUDA_CONTEXT, paged)
+    return MemoryPlan(shape, batch, micro, length, parts, allocated, reserved, CUDA_CONTEXT, paged, sharding)
+
+
+def add_peak_phase(add: Callable[..., None], phases: dict[str, dict[str, tuple[int, str]]]) -> None:
+    """Every phase's parts; only those of the phase that needs most count at the peak (the first
+    listed wins a tie), the others are shown with 0 and the phase that beats them."""
+    totals = {phase: sum(size for size, _ in parts.values()) for phase, parts in phases.items()}
+    peak = max(totals, key=lambda phase: totals[phase])
+    for phase, parts in phases.items():
+        for name, (size, note) in parts.items():
+            wins = phase == peak
+            add(name, size, note if wins else f"{note}; not at the peak ({peak} needs more)", None if wins else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,13 +740,13 @@ class BatchChoice:
 
 
 def choose_batch(shape: ModelShape, config: Config, budget: int, *, batch_of: Callable[[int], MicroBatch] | None = None,
-                 expandable_segments: bool = True) -> BatchChoice:
-    """The largest micro-batch that divides the configured pairs per step and fits ``budget``
-    bytes of card memory. ``batch_of(size)`` gives the longest micro-batch of ``size`` pairs
-    (default: worst case at data.max_length)."""
+                 expandable_segments: bool = True, sharding: Sharding = ONE_GPU) -> BatchChoice:
+    """The largest micro-batch that divides the configured pairs per step (per process) and fits
+    ``budget`` bytes of card memory on each GPU. ``batch_of(size)`` gives the longest micro-batch
+    of ``size`` pairs (default: worst case at data.max_length)."""
     def plan(size: int) -> MemoryPlan:
         return plan_memory(shape, config, batch_of(size) if batch_of else None, micro_batch_size=size,
-                           expandable_segments=expandable_segments)
+                           expandable_segments=expandable_segments, sharding=sharding)
 
     pairs = pairs_per_step(config.train)
     chosen = next((size for size in divisors(pairs) if plan(size).fits(budget)), None)
@@ -602,14 +764,14 @@ def choose_batch(shape: ModelShape, config: Config, budget: int, *, batch_of: Ca
 
 
 def longest_max_length(shape: ModelShape, config: Config, budget: int, micro_batch_size: int = 1,
-                       expandable_segments: bool = True, step: int = 64) -> int | None:
+                       expandable_segments: bool = True, step: int = 64, sharding: Sharding = ONE_GPU) -> int | None:
     """The longest data.max_length (a multiple of ``step``) at which ``micro_batch_size`` pairs
     fit ``budget``; None when not even ``step`` tokens do."""
     limit = min(LONGEST_SEARCHED, shape.max_positions or LONGEST_SEARCHED)
 
     def fits(length: int) -> bool:
         return plan_memory(shape, config, micro_batch_size=micro_batch_size, max_length=length,
-                           expandable_segments=expandable_segments).fits(budget)
+                           expandable_segments=expandable_segments, sharding=sharding).fits(budget)
 
     if not fits(step):
         return None
@@ -638,17 +800,19 @@ SWITCHES: list[tuple[str, Callable[[Config], Any], str]] = [
 
 
 def room_from_switches(shape: ModelShape, config: Config, micro_batch_size: int, max_length: int | None = None,
-                       expandable_segments: bool = True) -> list[tuple[str, int, str]]:
-    """(override, bytes it saves, what it costs) for each switch that lowers the peak, most first."""
-    base = plan_memory(shape, config, micro_batch_size=micro_batch_size, max_length=max_length,
-                       expandable_segments=expandable_segments).on_card
+                       expandable_segments: bool = True, sharding: Sharding = ONE_GPU) -> list[tuple[str, int, str]]:
+    """(override, bytes it saves, what it costs) for each switch that lowers the peak, most first
+    (sharded: not the optimizer, which must stay adamw)."""
+    def on_card(changed: Config) -> int:
+        return plan_memory(shape, changed, micro_batch_size=micro_batch_size, max_length=max_length,
+                           expandable_segments=expandable_segments, sharding=sharding).on_card
+
+    base = on_card(config)
     found = []
     for override, applies, cost in SWITCHES:
-        if not applies(config):
+        if not applies(config) or (sharding.sharded and override.startswith("train.optim=")):
             continue
-        changed = with_overrides(config, [override])
-        saved = base - plan_memory(shape, changed, micro_batch_size=micro_batch_size, max_length=max_length,
-                                   expandable_segments=expandable_segments).on_card
+        saved = base - on_card(with_overrides(config, [override]))
         if saved >= MIB:
             found.append((override, saved, cost))
     return sorted(found, key=lambda item: -item[1])
@@ -667,20 +831,62 @@ def with_overrides(config: Config, overrides: list[str]) -> Config:
     return changed
 
 
-def verdict(shape: ModelShape, config: Config, budget: int, expandable_segments: bool = True) -> str:
-    """One line for when not even micro-batch 1 fits: what would, or that the card is too small."""
-    one = plan_memory(shape, config, micro_batch_size=1, expandable_segments=expandable_segments)
-    need = f"micro-batch 1 at data.max_length={config.data.max_length} needs {gib(one.on_card)} GiB of {gib(budget)}"
-    length = longest_max_length(shape, config, budget, 1, expandable_segments)
+def verdict(shape: ModelShape, config: Config, budget: int, expandable_segments: bool = True,
+            sharding: Sharding = ONE_GPU) -> str:
+    """One line for when not even micro-batch 1 fits: what would (a shorter max_length, more GPUs
+    to shard over, a switch), or that the card is too small."""
+    one = plan_memory(shape, config, micro_batch_size=1, expandable_segments=expandable_segments, sharding=sharding)
+    per_gpu = " per GPU" if sharding.processes > 1 else ""
+    need = (f"micro-batch 1 at data.max_length={config.data.max_length} needs {gib(one.on_card)} GiB{per_gpu} "
+            f"of {gib(budget)}")
+    length = longest_max_length(shape, config, budget, 1, expandable_segments, sharding=sharding)
+    more = gpus_needed(shape, fsdp_config(config), budget, expandable_segments,
+                       above=sharding.processes if sharding.sharded else 1)
+    sharded_fix = f"sharded over {more} GPUs (--processes {more} --sharded) it fits" if more else ""
     if length is not None:
-        return f"nothing fits: {need}; data.max_length={length} fits at micro-batch 1 (data.max_prompt_length below it)"
-    for override, _, _ in room_from_switches(shape, config, 1, expandable_segments=expandable_segments):
+        shorter = f"data.max_length={length} fits at micro-batch 1 (data.max_prompt_length below it)"
+        if sharding.sharded and more:
+            return f"nothing fits: {need}; {sharded_fix}, or {shorter}"
+        return f"nothing fits: {need}; {shorter}"
+    if sharding.sharded and more:
+        return f"nothing fits: {need}; {sharded_fix}"
+    for override, _, _ in room_from_switches(shape, config, 1, expandable_segments=expandable_segments,
+                                             sharding=sharding):
         changed = with_overrides(config, [override])
-        if plan_memory(shape, changed, micro_batch_size=1, expandable_segments=expandable_segments).fits(budget):
+        if plan_memory(shape, changed, micro_batch_size=1, expandable_segments=expandable_segments,
+                       sharding=sharding).fits(budget):
             return f"nothing fits: {need}; {override} makes it fit"
+    if sharding.sharded:
+        whole = plan_memory(shape, config, micro_batch_size=1, expandable_segments=expandable_segments,
+                            sharding=Sharding(MOST_GPUS, sharded=True)).on_card
+        return (f"nothing fits: {need}, and no shorter max_length, switch or number of GPUs helps: what every GPU "
+                f"holds whole (the gathered units, the quantization constants, the activations and the CUDA context) "
+                f"takes {gib(whole)} GiB")
     weights = sum(part.counted for part in one.parts if part.kind == "weights") + one.context
     return (f"nothing fits: {need}, and no shorter max_length or switch helps: the model needs a larger card "
-            f"(its weights and the CUDA context alone take {gib(weights)} GiB)")
+            f"(its weights and the CUDA context alone take {gib(weights)} GiB)" + (f"; {sharded_fix}" if more else ""))
+
+
+MOST_GPUS = 1024
+"""The most processes ``gpus_needed`` considers."""
+
+
+def gpus_needed(shape: ModelShape, config: Config, budget: int, expandable_segments: bool = True, *,
+                above: int = 1) -> int | None:
+    """The fewest GPUs (more than ``above``) of ``budget`` bytes each that micro-batch 1 at
+    data.max_length fits on with the model sharded over them (``config`` as a sharded run has it:
+    ``fsdp_config``); None when no number up to MOST_GPUS does."""
+    def plan(count: int) -> MemoryPlan:
+        return plan_memory(shape, config, micro_batch_size=1, expandable_segments=expandable_segments,
+                           sharding=Sharding(count, sharded=True))
+
+    if above >= MOST_GPUS or not plan(MOST_GPUS).fits(budget):
+        return None
+    low, high = above, MOST_GPUS  # fits at high, not known at low: the on-card bytes fall as count grows
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if plan(middle).fits(budget) else (middle, high)
+    return high
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,23 +917,31 @@ def visible_gpu_budget() -> int | None:
     return int(min(usable, fraction * total)) + CUDA_CONTEXT
 
 
-def plan_command(config: Config, gpu_memory: str | None) -> int:
-    """``lora-dpo plan``: the parts table, then what fits the card."""
+def plan_command(config: Config, gpu_memory: str | None, processes: int = 1, sharded: bool = False) -> int:
+    """``lora-dpo plan``: the parts table, then what fits the card (each card of ``processes``,
+    the model sharded over them when ``sharded``)."""
+    if processes < 1:
+        raise ConfigError(f"--processes {processes}: expected 1 or more GPUs")
+    if sharded and processes < 2:
+        raise ConfigError("--sharded: lora-dpo shards the model only over 2 or more processes. Fix: add "
+                          "--processes N (the GPUs of the launch)")
+    sharding = Sharding(processes, sharded)
+    notes = sharded_refusals(config) if sharded else []
+    if sharded:
+        config = fsdp_config(config)
     shape = read_model_shape(config.model)
     expandable = expandable_segments_on()
     micro = config.train.micro_batch_size
     auto = micro == "auto"
     pairs = pairs_per_step(config.train)
-    shown = plan_memory(shape, config, micro_batch_size=1 if auto else micro, expandable_segments=expandable)
-    reference = "no reference" if not _needs_reference(config) else (
-        "reference precomputed" if config.dpo.precompute_reference else "reference every step")
-    checkpointing = "off" if not config.model.gradient_checkpointing else (
-        f"{config.model.checkpoint_layers} of {shape.layers} layers" if config.model.checkpoint_layers is not None
-        else "every layer")
+    shown = plan_memory(shape, config, micro_batch_size=1 if auto else micro, expandable_segments=expandable,
+                        sharding=sharding)
     print(f"{config.model.name_or_path}: {shape.describe()}")
-    print(f"micro-batch {shown.micro_batch_size} pairs at data.max_length={config.data.max_length} "
-          f"(the longest batch: {shown.batch.rows} rows x {shown.batch.length} tokens), layout {config.data.layout}, "
-          f"{reference}, checkpointing {checkpointing}, train.optim={config.train.optim}\n")
+    print(run_line(config, shape, shown))
+    print(f"memory {sharding.describe()}")
+    for note in notes:
+        print(f"note: {note}")
+    print()
     print(shown.table())
     print()
     budget = parse_memory(gpu_memory) if gpu_memory else visible_gpu_budget()
@@ -735,27 +949,48 @@ def plan_command(config: Config, gpu_memory: str | None) -> int:
         raise LoraDpoError("no CUDA GPU is visible, so there is no card to fit. Fix: pass --gpu-memory SIZE "
                            "(the card's memory, e.g. --gpu-memory 12GiB) to plan for a card")
     source = "--gpu-memory" if gpu_memory else "free memory of the visible GPU"
-    print(f"card: {gib(budget)} GiB ({source}); pairs per step: {pairs}")
-    choice = choose_batch(shape, config, budget, expandable_segments=expandable)
+    per_process = " per process" if processes > 1 else ""
+    print(f"card: {gib(budget)} GiB ({source}){' each' if processes > 1 else ''}; pairs per step{per_process}: {pairs}")
+    choice = choose_batch(shape, config, budget, expandable_segments=expandable, sharding=sharding)
     if choice.micro_batch_size is None:
-        print(verdict(shape, config, budget, expandable))
+        print(verdict(shape, config, budget, expandable, sharding))
         return 0
-    fitted = choice.micro_batch_size
+    print_fit(shape, config, budget, choice, expandable, sharding)
+    return 0
+
+
+def run_line(config: Config, shape: ModelShape, shown: MemoryPlan) -> str:
+    """What the table below is of: the batch, the layout, the reference, checkpointing, the optimizer."""
+    reference = "no reference" if not _needs_reference(config) else (
+        "reference precomputed" if config.dpo.precompute_reference else "reference every step")
+    checkpointing = "off" if not config.model.gradient_checkpointing else (
+        f"{config.model.checkpoint_layers} of {shape.layers} layers" if config.model.checkpoint_layers is not None
+        else "every layer")
+    return (f"micro-batch {shown.micro_batch_size} pairs at data.max_length={config.data.max_length} "
+            f"(the longest batch: {shown.batch.rows} rows x {shown.batch.length} tokens), layout {config.data.layout}, "
+            f"{reference}, checkpointing {checkpointing}, train.optim={config.train.optim}")
+
+
+def print_fit(shape: ModelShape, config: Config, budget: int, choice: BatchChoice, expandable: bool,
+              sharding: Sharding) -> None:
+    """The largest micro-batch that fits, the longest max_length, and the switches that buy room."""
+    pairs, fitted = choice.pairs_per_step, choice.micro_batch_size
+    auto = config.train.micro_batch_size == "auto"
     print(f"largest micro-batch at data.max_length={config.data.max_length}: train.micro_batch_size={fitted} "
           f"train.gradient_accumulation_steps={choice.accumulation} ({pairs} pairs per step"
+          f"{f' per process, {pairs * sharding.processes} in all' if sharding.processes > 1 else ''}"
           f"{', as configured' if auto or fitted * choice.accumulation == pairs else ''}; "
-          f"{gib(choice.plan.on_card)} GiB on the card)"
+          f"{gib(choice.plan.on_card)} GiB on {'each' if sharding.processes > 1 else 'the'} card)"
           + (f"; {choice.largest_micro_batch} fit if the pairs per step may change" if
              choice.largest_micro_batch and choice.largest_micro_batch > fitted else ""))
     for size in sorted({1, fitted}):
-        length = longest_max_length(shape, config, budget, size, expandable)
+        length = longest_max_length(shape, config, budget, size, expandable, sharding=sharding)
         print(f"longest data.max_length at micro-batch {size}: {length if length else 'none'}")
-    switches = room_from_switches(shape, config, fitted, expandable_segments=expandable)
+    switches = room_from_switches(shape, config, fitted, expandable_segments=expandable, sharding=sharding)
     if switches:
         print(f"switches that buy the most room (at micro-batch {fitted}):")
         for override, saved, cost in switches[:5]:
             print(f"  {override}: {saved / GIB:.2f} GiB less ({cost})")
-    return 0
 
 
 def _needs_reference(config: Config) -> bool:

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The tables of docs/memory.md, from the planner alone: the longest pair length that trains for
-common model shapes on 8/12/16/24 GB cards, and the planner beside the measured anchors.
+common model shapes on 8/12/16/24 GB cards (and for 70B sharded over 2 and 4 such cards), and
+the planner beside the measured anchors.
 
 ``python scripts/memory_table.py`` prints them; tests/test_memory.py checks that docs/memory.md
 holds exactly this output, so the documentation follows the planner. Nothing is downloaded: the
@@ -15,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lora_dpo.config import load_config  # noqa: E402
-from lora_dpo.memory import GIB, ModelShape, longest_max_length, longest_micro_batch, plan_memory  # noqa: E402
+from lora_dpo.memory import (GIB, ModelShape, Sharding, fsdp_config, longest_max_length,  # noqa: E402
+                             longest_micro_batch, plan_memory)
 
 
 def _shape(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int,
@@ -36,6 +38,8 @@ MODELS = {
     "Llama-3.1-70B": _shape(128256, 8192, 28672, 80, 64, 8, 128, False, 131072),
 }
 CARDS = (8, 12, 16, 24)
+SHARDED = (("Llama-3.1-70B", 2), ("Llama-3.1-70B", 4))
+"""(model, GPUs) lines of the card table with the model sharded over that many cards (FSDP)."""
 BENCH_1B, BENCH_8B = MODELS["Llama-3.2-1B"], MODELS["Llama-3.1-8B"]  # the bench's random-init shapes
 
 
@@ -47,19 +51,23 @@ def card_table() -> str:
     config = defaults()
     lines = ["| model | parameters | " + " | ".join(f"{card} GB" for card in CARDS) + " |",
              "|---|---|" + "---|" * len(CARDS)]
-    for name, shape in MODELS.items():
-        cells = []
-        for card in CARDS:
-            length = longest_max_length(shape, config, card * GIB)
-            if length is None:
-                cells.append("does not fit")
-            elif length >= (shape.max_positions or length + 1):
-                cells.append(f"{length:,} (all its positions)")
-            else:
-                cells.append(f"{length:,}")
+    rows = [(name, shape, Sharding()) for name, shape in MODELS.items()]
+    rows += [(f"{name}, sharded over {count} cards (FSDP)", MODELS[name], Sharding(count, sharded=True))
+             for name, count in SHARDED]
+    for name, shape, sharding in rows:
+        run = fsdp_config(config) if sharding.sharded else config
+        cells = [_cell(shape, longest_max_length(shape, run, card * GIB, sharding=sharding)) for card in CARDS]
         size = (shape.quantized_params() + shape.unquantized_params()) / 1e9
         lines.append(f"| {name} | {size:.1f}B | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(shape: ModelShape, length: int | None) -> str:
+    if length is None:
+        return "does not fit"
+    if length >= (shape.max_positions or length + 1):
+        return f"{length:,} (all its positions)"
+    return f"{length:,}"
 
 
 def calibration_table() -> str:

@@ -224,6 +224,7 @@ def test_the_models_and_cards_table_in_the_docs_is_the_planners():
     between = docs.split("<!-- scripts/memory_table.py: begin -->\n")[1].split("\n<!-- scripts/memory_table.py: end -->")[0]
     assert between == table.card_table() + "\n\n" + table.calibration_table()
     assert "| Llama-3.1-70B | 70.6B | does not fit |" in between and "| 0.96 GiB allocated | 0.96 GiB |" in between
+    assert "| Llama-3.1-70B, sharded over 4 cards (FSDP) | 70.6B | does not fit |" in between
 
 
 def test_oom_message_carries_the_planners_choice(llama_dir, monkeypatch):
@@ -322,3 +323,157 @@ def test_plan_check_puts_a_prediction_beside_each_measurement(tmp_path, capsys):
     assert all(r["predicted_reserved_gib"] > r["predicted_allocated_gib"] > 0 for r in report["accuracy"])
     out = capsys.readouterr().out
     assert "| tiny | 64 | precomputed | 2 | 4 x 64 |" in out and "Emulated cards: not run (no CUDA device)." in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Several GPUs: lora-dpo plan --processes N [--sharded]
+
+LLAMA_70B = {**LLAMA_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+             "num_attention_heads": 64}
+# Llama-3.1-70B by hand: per layer q and o 8192 x 8192, k and v 8192 x 1024, gate, up and down
+# 8192 x 28672: 855,638,016 linear weights, 68,451,041,280 over 80 layers. Embeddings and head
+# 128,256 x 8192 each, 161 norms of 8192. LoRA r=16 on every linear layer: 16 x (in + out) per
+# module, 2,588,672 per layer, 207,093,760 in all.
+LINEAR_70B, LORA_70B = 68_451_041_280, 207_093_760
+SIXTEEN_BIT_70B = (2 * 128_256 * 8192 + 161 * 8192) * 2
+LAYER_70B = 855_638_016 // 2 + 2 * 8192 * 2 + 4 * 2_588_672  # 4-bit linears, two norms, float32 LoRA
+TAIL_70B = (128_256 * 8192 + 8192) * 2  # final norm and head, bf16
+
+
+def sharded(count):
+    return memory.Sharding(count, sharded=True)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_the_70b_shape_sharded_worked_out_by_hand(count):
+    shape = ModelShape.from_config(LLAMA_70B)
+    run = config("train.optim=adamw", "data.max_length=1024", "data.max_prompt_length=512")
+    plan = plan_memory(shape, run, micro_batch_size=1, sharding=sharded(count))
+    got = parts(plan)
+    # Split over the processes: the 4-bit weights (stored in bf16, same bytes), the 16-bit
+    # weights, the float32 LoRA weights (their bf16 autocast copies are whole), gradients, AdamW.
+    assert got["4-bit weights (NF4)"] == (LINEAR_70B // 2 // count,) * 2
+    assert got["16-bit weights (embeddings, head, norms)"] == (SIXTEEN_BIT_70B // count,) * 2
+    assert got["LoRA weights"] == (LORA_70B * 4 // count + LORA_70B * 2,) * 2
+    assert got["LoRA gradients"] == (LORA_70B * 4 // count,) * 2
+    assert got["optimizer state"] == (LORA_70B * 8 // count,) * 2
+    # Whole on every GPU: the double-quantization constants (1/64 + 4/16384 bytes per weight).
+    assert got["quantization constants"] == (1_069_547_520 + 16_711_680,) * 2
+    # Micro-batch 1 at 1024: 2 rows of 1024 tokens, 2,046 scored; the head phase wins: final norm
+    # 6h per token and the scored states 4h, the 512-token chunk x 12 bytes, and gathered whole
+    # the tail unit and the last layer, each with its all-gather input (one shard).
+    head = 2048 * 6 * 8192 + 2046 * 4 * 8192 + 512 * 128_256 * 12
+    gathered_head = TAIL_70B + TAIL_70B // count + LAYER_70B + LAYER_70B // count
+    assert got["gathered: norm and head, and the last layer prefetched"] == (gathered_head,) * 2
+    # The layer phase, not at the peak: 537,056 saved bytes per token recomputed, the working
+    # memory (6i + 4h per token and the 8192 x 28672 weight in bf16), two layers gathered, and
+    # one layer's LoRA gradients whole twice (gradients, reduce-scatter input) and its shard.
+    layer = 2048 * 537_056 + 2048 * (6 * 28672 + 4 * 8192) + 8192 * 28672 * 2 \
+        + 2 * (LAYER_70B + LAYER_70B // count) + 2 * 4 * 2_588_672 + 4 * 2_588_672 // count
+    assert layer < head + gathered_head
+    assert got["gathered: two decoder layers"] == (2 * (LAYER_70B + LAYER_70B // count), 0)
+    assert got["reduce-scatter of a layer's LoRA gradients"] == (2 * 4 * 2_588_672 + 4 * 2_588_672 // count, 0)
+    static = LINEAR_70B // 2 // count + 1_086_259_200 + SIXTEEN_BIT_70B // count + LORA_70B * (4 + 4 + 8) // count \
+        + LORA_70B * 2
+    checkpoints = 80 * 2048 * 2 * 8192
+    assert plan.allocated == static + 2 * 1024 * 1024 + checkpoints + head + gathered_head
+    assert plan.on_card == plan.allocated + int(plan.allocated * 0.03) + GIB // 2
+    # Four 24 GiB cards hold it, two do not.
+    assert plan.fits(24 * GIB) == (count == 4)
+
+
+def test_sharded_parts_add_up_and_ddp_is_one_gpu_plus_its_buckets():
+    for shape_config in (LLAMA_1B, LLAMA_8B, LLAMA_70B):
+        shape = ModelShape.from_config(shape_config)
+        for overrides in ([], ["model.gradient_checkpointing=false"], ["model.load_in_4bit=false"],
+                          ["data.layout=packed_prefix_shared", "model.init_adapter=a"], ["dpo.loss=simpo"]):
+            run = config("train.optim=adamw", *overrides)
+            for count in (1, 2, 3, 8):
+                plan = plan_memory(shape, run, micro_batch_size=2, sharding=sharded(count))
+                assert sum(part.counted for part in plan.parts) == plan.reserved, (overrides, count)
+                assert all(part.counted <= part.bytes for part in plan.parts)
+                more = plan_memory(shape, run, micro_batch_size=2, sharding=sharded(count + 1))
+                assert more.on_card < plan.on_card  # another GPU always takes something off each
+            one = plan_memory(shape, run, micro_batch_size=2)
+            ddp = plan_memory(shape, run, micro_batch_size=2, sharding=memory.Sharding(4))
+            lora = sum(memory.lora_tensors(shape, list(memory.LINEAR_NAMES), 16))
+            expected = {**parts(one), "DDP gradient buckets": (4 * lora, 4 * lora)}
+            slack = int((one.allocated + 4 * lora) * 0.03)
+            assert parts(ddp) == {**expected, "allocator slack": (slack, slack)}
+
+
+def test_one_process_sharded_differs_only_by_the_gathered_working_set():
+    shape = ModelShape.from_config(LLAMA_8B)
+    # Long rows: a layer's backward is the peak both ways, so the same phase counts.
+    run = config("train.optim=adamw", "data.max_length=4096", "data.max_prompt_length=256")
+    plain = plan_memory(shape, run, micro_batch_size=2)
+    one = plan_memory(shape, run, micro_batch_size=2, sharding=sharded(1))
+    assert parts(plain)["backward working memory"][1] > 0 and parts(one)["backward working memory"][1] > 0
+    plain_parts, one_parts = parts(plain), parts(one)
+    gathered = {name: value for name, value in one_parts.items() if name not in plain_parts}
+    assert set(gathered) == {"gathered: norm and head, and the last layer prefetched", "gathered: two decoder layers",
+                             "reduce-scatter of a layer's LoRA gradients",
+                             "gathered: embeddings, and the first layer prefetched"}
+    # Every other part is the same, but the reference pass (it gathers too) and the slack.
+    differ = {name for name in plain_parts if plain_parts[name] != one_parts[name]}
+    assert differ <= {"reference pass", "allocator slack"}
+    # With one process a gathered unit is held twice (whole, and its shard as the all-gather's input).
+    layer = 4096 * 14336 * 3 // 2 + (2 * 4096 * 1024 + 2 * 4096 * 4096) // 2 + 2 * 4096 * 2 \
+        + 4 * 16 * (3 * (4096 + 14336) + 2 * (4096 + 1024) + 2 * (4096 + 4096))
+    assert gathered["gathered: two decoder layers"][0] == 4 * layer
+    assert one.allocated - plain.allocated == sum(counted for _, counted in gathered.values())
+    tail = (128256 * 4096 + 4096) * 2
+    # The reference pass: 16,384 tokens; a layer's no-grad forward (8h + 6i per token) and two
+    # layers gathered, or the chunk's logits forward (512 x vocabulary x 10) and the tail gathered.
+    no_grad, logits = 16384 * (8 * 4096 + 6 * 14336), 512 * 128256 * 10
+    assert one_parts["reference pass"][0] - plain_parts["reference pass"][0] == \
+        max(no_grad + 4 * layer, logits + 2 * tail) - max(no_grad, logits)
+
+
+def test_nothing_fits_names_the_gpus_that_would():
+    shape = ModelShape.from_config(LLAMA_70B)
+    run = config("train.optim=adamw", "data.max_length=1024", "data.max_prompt_length=512")
+    line = verdict(shape, run, 24 * GIB, sharding=sharded(2))
+    assert line.startswith("nothing fits: micro-batch 1 at data.max_length=1024 needs ") and "\n" not in line
+    needed = int(line.split("sharded over ")[1].split()[0])
+    assert f"(--processes {needed} --sharded) it fits" in line
+    assert plan_memory(shape, run, micro_batch_size=1, sharding=sharded(needed)).fits(24 * GIB)
+    assert not plan_memory(shape, run, micro_batch_size=1, sharding=sharded(needed - 1)).fits(24 * GIB)
+    # One GPU: the card is too small, and the same number of them sharded would do.
+    alone = verdict(shape, config("data.max_length=1024", "data.max_prompt_length=512"), 24 * GIB)
+    assert "the model needs a larger card" in alone and alone.endswith(f"sharded over {needed} GPUs "
+                                                                       f"(--processes {needed} --sharded) it fits")
+    # What no number of GPUs divides (the quantization constants alone are 1 GiB) on a 1 GiB card.
+    floor = verdict(shape, run, GIB, sharding=sharded(8))
+    assert "no shorter max_length, switch or number of GPUs helps: what every GPU holds whole" in floor
+
+
+def test_plan_processes_and_sharded_end_to_end(tmp_path, capsys):
+    model_dir = tmp_path / "llama-70b"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(LLAMA_70B))  # no weights, no network
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)},
+                                           "data": {"train_file": "never-read.jsonl", "max_length": 1024},
+                                           "train": {"micro_batch_size": 2, "gradient_accumulation_steps": 4}}))
+    assert main(["plan", str(config_file), "--gpu-memory", "24GiB", "--processes", "4", "--sharded",
+                 "train.sample_every=10"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per GPU of 4 processes, the model sharded over them (FSDP2" in out
+    assert "note: train.optim=paged_adamw_8bit is refused under FSDP: planned with train.optim=adamw" in out
+    assert "note: the run would stop before loading: train.sample_every: " in out and "train.optim=adamw\n" in out
+    assert f"| 4-bit weights (NF4), sharded: 1/4 per GPU | {LINEAR_70B / 8 / GIB:.2f} |" in out
+    assert "| quantization constants | 1.01 |" in out and "| gathered: two decoder layers |" in out
+    assert "card: 24.00 GiB (--gpu-memory) each; pairs per step per process: 8" in out
+    assert "train.micro_batch_size=2 train.gradient_accumulation_steps=4 (8 pairs per step per process, 32 in all" in out
+    assert "train.optim=paged_adamw_8bit: " not in out  # not a switch a sharded run may take
+    assert main(["plan", str(config_file), "--gpu-memory", "24GiB", "--processes", "2", "--sharded"]) == 0
+    assert "nothing fits: micro-batch 1 at data.max_length=1024 needs " in capsys.readouterr().out
+    # Data-parallel: each GPU holds the whole model; 70B fits no 24 GiB card that way.
+    assert main(["plan", str(config_file), "--gpu-memory", "80GiB", "--processes", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per GPU of 2 data-parallel processes: each GPU holds the whole model" in out
+    assert "| DDP gradient buckets |" in out and "sharded: 1/" not in out
+    assert main(["plan", str(config_file), "--gpu-memory", "24GiB", "--sharded"]) == 2
+    err = capsys.readouterr().err
+    assert "--sharded: lora-dpo shards the model only over 2 or more processes" in err and err.count("\n") == 1
