@@ -13,13 +13,25 @@ the last step of ``lora-dpo train``. In order, so that one GPU holds one model a
 5. the model is freed, and only then the judge (``rewards.load_reward``) loads and scores every
    answer: wins, ties, losses, the win rate with a 95% interval and a length-controlled win rate.
 
+Resumable: steps 3-4 and step 5 run chunk by chunk of prompts (``records.in_chunks``), and each
+chunk's rows go to a stage file in OUT as soon as it is done (``records``: appended, with a
+progress file; a torn row is cut off): ``answers.jsonl`` (both answers and the policy answer's
+log-prob under each model, per answer) and, with a judge, ``scores.jsonl``. Their fingerprint
+(``answers_fingerprint``) is what decides the rows; a rerun with the same one continues, another
+is refused in one line naming the setting (``overwrite`` starts again), as ``lora-dpo collect``
+does. Chunks are cut at fixed prompts and a half-written one is worked again whole, and the
+final numbers always come from the rows read back from the stage files, so a resumed run writes
+the bytes an uninterrupted one writes. The stage files are removed once the outputs are written.
+
 Under torchrun or accelerate launch (``lora-dpo eval`` only; the evaluation at the end of
 training runs in the main process), every process loads the run on its own device and scores,
-answers and judges its share of the pairs, prompts and answers (every ``count``-th); the results
-are gathered in order on every process, and the main process alone writes and prints. The
-answers are those of one process, as each is seeded by its prompt and sample.
+answers and judges its share of the pairs and of each chunk's prompts (every ``count``-th); the
+results are gathered in order on every process, and the main process alone writes (the stage
+files too) and prints. The answers are those of one process, as each is seeded by its prompt and
+sample.
 
-Outputs, both written atomically (a temporary file renamed into place), eval.json last:
+Outputs, both written atomically (a temporary file renamed into place) once everything is
+computed, eval.json last:
 ``OUT/samples.jsonl`` (one row per prompt and sample, the two answers side by side) and
 ``OUT/eval.json`` (``FORMAT`` 1, described in docs/evaluate.md), OUT defaulting to RUN_DIR/eval.
 The metric functions below are pure functions of tensors and lists, tested on hand-worked numbers.
@@ -482,9 +494,10 @@ def judge_answers(judge: Any, prompts: Sequence[Text], answers: dict[int, list[d
         texts = [prompts[i] for i, _ in rows]
         reference = _judge(judge, texts, [row["reference"] for _, row in rows], batch_size)
         policy = _judge(judge, texts, [row["policy"] for _, row in rows], batch_size)
-        scored = [{"sample": row["sample"], "reference_score": r, "policy_score": p}
-                  for (_, row), r, p in zip(rows, reference, policy)]
-        return [[row for (i, _), row in zip(rows, scored) if i == prompt] for prompt in share]
+        scored: dict[int, list[dict[str, Any]]] = {i: [] for i in share}
+        for (i, row), r, p in zip(rows, reference, policy):
+            scored[i].append({"sample": row["sample"], "reference_score": r, "policy_score": p})
+        return [scored[i] for i in share]
 
     _in_whole_chunks(stage, len(prompts), chunk, "eval: judge", "judged", bar, work, processes)
 
@@ -502,14 +515,14 @@ def _in_whole_chunks(stage: "Records | Followed", count: int, chunk: int, desc: 
         if not stage.is_done(prompt):
             stage.write(prompt, rows)
 
-    in_chunks(todo, chunk, desc, done, bar, work, write, processes)
+    in_chunks(todo, chunk, desc, done, bar, work, write, processes, logger=log)
 
 
 def _pending(stage: "Records | Followed", count: int, chunk: int) -> list[int]:
     """The prompts of every chunk (of ``chunk`` prompts, from prompt 0) that ``stage`` lacks a
     prompt of; as whole chunks, in_chunks cuts them at the same places."""
-    return [i for start in range(0, count, chunk) if not all(stage.is_done(i) for i in range(start, min(count, start + chunk)))
-            for i in range(start, min(count, start + chunk))]
+    blocks = [range(start, min(count, start + chunk)) for start in range(0, count, chunk)]
+    return [i for block in blocks if not all(stage.is_done(i) for i in block) for i in block]
 
 
 def _open_stage(path: Path, fingerprint: dict[str, Any], overwrite: bool, processes: Processes) -> "Records | Followed":

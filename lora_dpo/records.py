@@ -63,7 +63,6 @@ from .errors import LoraDpoError
 FORMAT = "lora-dpo-progress/1"
 PROGRESS_SUFFIX = ".progress"
 
-log = logging.getLogger(__name__)
 # Prompts go through the model in chunks of this many batches, each chunk written when it is
 # done: enough rows for length sorting to pay, few enough that a kill loses little.
 CHUNK_BATCHES = 4
@@ -406,13 +405,14 @@ def prompt_bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
 
 
 def in_chunks(todo: Sequence[Any], size: int, desc: str, done: str, bar_enabled: bool, work: Any, write: Any,
-              processes: Any) -> None:
+              processes: Any, *, logger: logging.Logger) -> None:
     """Each chunk of ``size`` prompts of ``todo``, shared out over the processes: ``work(share)``
     returns one result (plain, picklable data) per prompt of this process's share, every
     ``count``-th prompt of the chunk (alone: the whole chunk); the results are gathered in prompt
     order, and the main process calls ``write(prompt, result)`` for each prompt of the chunk, which
     advances the bar, before the next chunk starts. One gather per chunk on every process, so
-    the processes stay in step. Logs the rate at the end as "DONE: N prompts in S s"."""
+    the processes stay in step. Logs the rate at the end to the command's ``logger`` as "DONE: N
+    prompts in S s" (what scripts/bench_collect.py reads from lora_dpo.collect)."""
     started = time.monotonic()
     with prompt_bar(len(todo), desc, bar_enabled and processes.is_main) as bar:
         for part in chunks(todo, size):
@@ -423,13 +423,13 @@ def in_chunks(todo: Sequence[Any], size: int, desc: str, done: str, bar_enabled:
                 for prompt, result in zip(part, results):
                     write(prompt, result)
                     bar.update(1)
-    log_rate(done, len(todo), started)
+    log_rate(logger, done, len(todo), started)
 
 
-def log_rate(what: str, count: int, started: float) -> None:
+def log_rate(logger: logging.Logger, what: str, count: int, started: float) -> None:
     elapsed = time.monotonic() - started
     if count:
-        log.info("%s: %d prompts in %.1f s (%.2f prompts/s)", what, count, elapsed, count / max(elapsed, 1e-9))
+        logger.info("%s: %d prompts in %.1f s (%.2f prompts/s)", what, count, elapsed, count / max(elapsed, 1e-9))
 
 
 def from_main(processes: Any, value: Any) -> Any:

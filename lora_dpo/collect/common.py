@@ -359,7 +359,7 @@ def collect_candidates(out: "Records | Followed", prompts: Sequence[Prompt], set
 
             # Each process's share of a chunk is the chunk one process alone would run.
             chunk = max(1, model.batch_size // settings.num_samples) * CHUNK_BATCHES * processes.count
-            in_chunks(missing, chunk, f"{desc}: generate", "generated", bar_enabled, generate, write, processes)
+            in_chunks(missing, chunk, f"{desc}: generate", "generated", bar_enabled, generate, write, processes, logger=log)
     processes.wait()  # the main process has closed the file: every process may read it
     if processes.count > 1 and not path.is_file():
         raise LoraDpoError(f"{path}: not found by process {processes.rank}, which reads the candidates the main process "

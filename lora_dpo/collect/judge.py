@@ -179,7 +179,7 @@ def run_judge(args: Any) -> int:
                 outcome.record(out, prompt.index)
 
             in_chunks(todo, max(1, args.batch_size) * CHUNK_BATCHES * processes.count, "collect judge: judge", "judged",
-                      show_bar(args), judge, write, processes)
+                      show_bar(args), judge, write, processes, logger=log)
             model.close()
     except BaseException:
         out.close()

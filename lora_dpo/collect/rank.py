@@ -200,7 +200,7 @@ def score_and_write(out: Any, prompts: Sequence[Any], candidates: dict[int, Cand
         outcome.record(out, prompt.index)
 
     size = max(1, args.reward_batch_size) * CHUNK_BATCHES * processes.count
-    in_chunks(prompts, size, "collect rank: score", "scored", show_bar(args), score, write, processes)
+    in_chunks(prompts, size, "collect rank: score", "scored", show_bar(args), score, write, processes, logger=log)
     if dropped.empty or dropped.duplicates:
         log.info("dropped before scoring: %d empty answers, %d repeated answers", dropped.empty, dropped.duplicates)
 

@@ -231,7 +231,7 @@ def run_revise(args: Any) -> int:
                 write_revised(out, sft, prompt.index, outcomes)
 
             in_chunks(todo, max(1, args.batch_size) * CHUNK_BATCHES * processes.count, "collect revise", "revised",
-                      show_bar(args), revise, write, processes)
+                      show_bar(args), revise, write, processes, logger=log)
             model.close()
     except BaseException:
         out.close()
