@@ -154,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, help="sampling seed (default: eval.seed)")
     evaluate.add_argument("--batch-size", type=int, help="sequences generated and judged together (default: eval.batch_size)")
     evaluate.add_argument("--out", help="directory for eval.json and samples.jsonl (default: RUN_DIR/eval)")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="start an interrupted evaluation in --out again instead of continuing it")
     evaluate.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"], help="where to run the models")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.add_argument("--debug", action="store_true", help="show tracebacks for errors")

@@ -13,13 +13,25 @@ the last step of ``lora-dpo train``. In order, so that one GPU holds one model a
 5. the model is freed, and only then the judge (``rewards.load_reward``) loads and scores every
    answer: wins, ties, losses, the win rate with a 95% interval and a length-controlled win rate.
 
+Resumable: steps 3-4 and step 5 run chunk by chunk of prompts (``records.in_chunks``), and each
+chunk's rows go to a stage file in OUT as soon as it is done (``records``: appended, with a
+progress file; a torn row is cut off): ``answers.jsonl`` (both answers and the policy answer's
+log-prob under each model, per answer) and, with a judge, ``scores.jsonl``. Their fingerprint
+(``answers_fingerprint``) is what decides the rows; a rerun with the same one continues, another
+is refused in one line naming the setting (``overwrite`` starts again), as ``lora-dpo collect``
+does. Chunks are cut at fixed prompts and a half-written one is worked again whole, and the
+final numbers always come from the rows read back from the stage files, so a resumed run writes
+the bytes an uninterrupted one writes. The stage files are removed once the outputs are written.
+
 Under torchrun or accelerate launch (``lora-dpo eval`` only; the evaluation at the end of
 training runs in the main process), every process loads the run on its own device and scores,
-answers and judges its share of the pairs, prompts and answers (every ``count``-th); the results
-are gathered in order on every process, and the main process alone writes and prints. The
-answers are those of one process, as each is seeded by its prompt and sample.
+answers and judges its share of the pairs and of each chunk's prompts (every ``count``-th); the
+results are gathered in order on every process, and the main process alone writes (the stage
+files too) and prints. The answers are those of one process, as each is seeded by its prompt and
+sample.
 
-Outputs, both written atomically (a temporary file renamed into place), eval.json last:
+Outputs, both written atomically (a temporary file renamed into place) once everything is
+computed, eval.json last:
 ``OUT/samples.jsonl`` (one row per prompt and sample, the two answers side by side) and
 ``OUT/eval.json`` (``FORMAT`` 1, described in docs/evaluate.md), OUT defaulting to RUN_DIR/eval.
 The metric functions below are pure functions of tensors and lists, tested on hand-worked numbers.
@@ -27,6 +39,7 @@ The metric functions below are pure functions of tensors and lists, tested on ha
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -46,12 +59,17 @@ from .distributed import Processes
 from .errors import DataError, LoraDpoError
 from .generation import SamplingSettings, answer_seed, sample
 from .losses import preference_loss
-from .records import write_text_atomic
+from .records import (CHUNK_BATCHES, Followed, Records, content_hash, from_main, in_chunks, open_shared, progress_path,
+                      write_text_atomic)
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 EVAL_DIR = "eval"
+ANSWERS_FILE = "answers.jsonl"
+"""Stage file: both models' answers and the policy answers' log-probs, per prompt (removed at the end)."""
+SCORES_FILE = "scores.jsonl"
+"""Stage file: the judge's scores of those answers, per prompt (removed at the end)."""
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 LC_RIDGE = 1e-3
 """L2 penalty on the length coefficient of the length-controlled fit: keeps it finite when wins
@@ -302,13 +320,16 @@ def distinct_prompts(examples: Sequence[PreferenceExample], limit: int) -> list[
 
 def evaluate_run(run_dir: str | Path, settings: EvalConfig, *, data: Optional[str] = None,
                  out: str | Path | None = None, device: str = "auto", progress: Optional[bool] = None,
-                 show: Optional[Callable[[str], None]] = None, processes: Optional[Processes] = None) -> EvalResult:
+                 show: Optional[Callable[[str], None]] = None, processes: Optional[Processes] = None,
+                 overwrite: bool = False) -> EvalResult:
     """Evaluate the finished run in ``run_dir`` (its output.dir) as ``settings`` say, write
     ``out`` (default RUN_DIR/eval)/samples.jsonl and eval.json, and return the result. ``show``
     receives the printed table line by line. ``progress``: None shows bars on a terminal.
     ``processes``: the launched processes (``distributed.processes``), each of which calls this
-    and gets the result, on its own device (``device`` is then unused); None: this one alone."""
-    from .modeling import REFERENCE_ADAPTER, inspect_adapter, load_inference_model, reference_model
+    and gets the result, on its own device (``device`` is then unused); None: this one alone.
+    An evaluation killed midway continues from its stage files in ``out`` when called again with
+    the same settings (other settings: a one-line error); ``overwrite`` starts it again."""
+    from .modeling import REFERENCE_ADAPTER, inspect_adapter, load_inference_model
     from .modeling import resolve_compute_dtype
     from .rewards import is_function_spec, load_reward
 
@@ -337,110 +358,230 @@ def evaluate_run(run_dir: str | Path, settings: EvalConfig, *, data: Optional[st
         # A local path that is not there (a hub id has one slash): say so now, not after generating.
         raise LoraDpoError(f"--judge {settings.judge}: no such directory. Fix: give a reward model directory or hub "
                            "id, or module:function")
+    picked = distinct_prompts(examples, settings.prompts)
+    fingerprint = answers_fingerprint(run_dir, training, picked, settings)
 
     target: str | torch.device = device if processes is None else processes.device
     processes = processes if processes is not None else Processes()
-    loaded = load_inference_model(None, str(run_dir), device=target)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    if training.model.init_adapter:
-        # Training's reference was the frozen starting adapter, not the bare base.
-        model.load_adapter(training.model.init_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-    pairs = tokenize_examples(examples, tokenizer, training.data.max_length, training.data.max_prompt_length,
-                              DataReport(data_name), training.data.on_bad_row)
-    if not pairs:
-        raise LoraDpoError(f"{data_name}: no usable held-out pairs after tokenization. Fix: pass --data FILE")
-    scoring = dict(micro_batch_size=training.train.micro_batch_size, layout=training.data.layout,
-                   chunk_size=training.dpo.logps_chunk_size, pack_length=training.data.pack_length,
-                   compute_dtype=resolve_compute_dtype(training.model, loaded.device))
+    if processes.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if out.resolve().parent == run_dir.resolve():
+            _record_in_run(run_dir, out.name)  # now, so that a killed evaluation's stage files go with the run
+    with contextlib.ExitStack() as stages:
+        # Opened before any model loads: other settings against a killed evaluation fail in seconds.
+        answers_out = stages.enter_context(_open_stage(out / ANSWERS_FILE, fingerprint, overwrite, processes))
+        scores_out = stages.enter_context(_open_stage(
+            out / SCORES_FILE, {**fingerprint, "stage": "judge", "judge": settings.judge,
+                                "judge_4bit": settings.judge_4bit}, overwrite, processes)) if settings.judge else None
+
+        loaded = load_inference_model(None, str(run_dir), device=target)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        if training.model.init_adapter:
+            # Training's reference was the frozen starting adapter, not the bare base.
+            model.load_adapter(training.model.init_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        pairs = tokenize_examples(examples, tokenizer, training.data.max_length, training.data.max_prompt_length,
+                                  DataReport(data_name), training.data.on_bad_row)
+        if not pairs:
+            raise LoraDpoError(f"{data_name}: no usable held-out pairs after tokenization. Fix: pass --data FILE")
+        scoring = dict(micro_batch_size=training.train.micro_batch_size, layout=training.data.layout,
+                       chunk_size=training.dpo.logps_chunk_size, pack_length=training.data.pack_length,
+                       compute_dtype=resolve_compute_dtype(training.model, loaded.device))
+        pad = tokenizer.pad_token_id
+        from tqdm.auto import tqdm
+
+        hidden = None if progress is None else not progress  # None: shown on a terminal
+        bars = dict(dynamic_ncols=True, leave=False, disable=hidden if processes.is_main else True)
+        # Each process scores its share of the pairs (every count-th); the rows come back in pair order.
+        mine = [pairs[i] for i in processes.shard(len(pairs))]
+        with tqdm(total=2 * len(mine), desc="score held-out pairs", unit="pair", **bars) as bar:
+            policy = _gathered(processes, score_pairs(model, mine, pad, progress=bar.update, **scoring), len(pairs))
+            reference = _gathered(processes, score_pairs(model, mine, pad, reference=True, progress=bar.update,
+                                                         **scoring), len(pairs))
+        metrics = preference_metrics(training.dpo, policy, reference)
+
+        # Chunks of prompts, each process answering its share of each (every count-th prompt), as collect runs.
+        chunk = max(1, settings.batch_size // settings.samples) * CHUNK_BATCHES * processes.count
+        prompt_ids = [encode_prompt(tokenizer, example.prompt, chat_template=example.is_chat) for example in picked]
+        answer_prompts(model, tokenizer, prompt_ids, sampling, settings.batch_size, scoring, answers_out, chunk,
+                       progress is not False, processes)
+        answers = _finished_rows(answers_out, processes)
+
+        # One GPU: the policy goes before the judge comes.
+        device_type = loaded.device.type
+        del model, loaded, policy, reference
+        gc.collect()
+        if device_type == "cuda":
+            torch.cuda.empty_cache()
+
+        judged = None
+        if scores_out is not None:
+            if judge is None and _pending(scores_out, len(picked), chunk):
+                judge = load_reward(settings.judge, device=target, four_bit=settings.judge_4bit,
+                                    batch_size=settings.batch_size, flag="--judge")
+            try:
+                if judge is not None:
+                    judge_answers(judge, [example.prompt for example in picked], answers, settings.batch_size,
+                                  scores_out, chunk, progress is not False, processes)
+            finally:
+                if judge is not None:
+                    judge.close()
+            judged = _finished_rows(scores_out, processes)
+
+    result, sample_rows = _assemble(run_dir, out, data_name, len(pairs), picked, settings, metrics, answers, judged)
+    if not processes.is_main:
+        return result  # the main process writes and prints
+    write_outputs(out, result, sample_rows)
+    for name in (ANSWERS_FILE, SCORES_FILE):  # the stage files are done with once the outputs are in place
+        for path in (out / name, progress_path(out / name)):
+            path.unlink(missing_ok=True)
+    for line in result.lines():
+        (show or print)(line)
+    return result
+
+
+def answers_fingerprint(run_dir: Path, training: Config, picked: Sequence[PreferenceExample],
+                        settings: EvalConfig) -> dict[str, Any]:
+    """What decides the answers and their log-probs, recorded in the stage files: the adapter's
+    files and the reference's, the base, the prompts (their texts) and the sampling settings,
+    named as the eval settings (and flags) are. Not the batch size: it changes only rounding."""
+    from .reference_cache import adapter_identity
+
+    init = training.model.init_adapter
+    return {"command": "eval", "adapter": content_hash(adapter_identity(str(run_dir))["files"]),
+            "reference": content_hash(adapter_identity(init)["files"]) if init else None,
+            "model": training.model.name_or_path, "prompts": len(picked),
+            "prompts_hash": content_hash([example.prompt for example in picked]), "samples": settings.samples,
+            "max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
+            "top_p": settings.top_p, "top_k": settings.top_k, "seed": settings.seed}
+
+
+def answer_prompts(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], sampling: SamplingSettings,
+                   batch_size: int, scoring: dict[str, Any], stage: "Records | Followed", chunk: int, bar: bool,
+                   processes: Processes) -> None:
+    """Both models' answers to every prompt ``stage`` lacks, with the log-probs of the policy's
+    answer under each model (the KL's terms), written to ``stage`` one chunk of prompts at a time:
+    a row per answer, ``{"sample", "reference", "policy", "reference_tokens", "policy_tokens",
+    "policy_cut", "policy_logp", "reference_logp"}``."""
+    from .modeling import reference_model
+
     pad = tokenizer.pad_token_id
-    from tqdm.auto import tqdm
 
-    hidden = None if progress is None else not progress  # None: shown on a terminal
-    bars = dict(dynamic_ncols=True, leave=False, disable=hidden if processes.is_main else True)
-    # Each process scores its share of the pairs (every count-th); the rows come back in pair order.
-    mine = [pairs[i] for i in processes.shard(len(pairs))]
-    with tqdm(total=2 * len(mine), desc="score held-out pairs", unit="pair", **bars) as bar:
-        policy = _gathered(processes, score_pairs(model, mine, pad, progress=bar.update, **scoring), len(pairs))
-        reference = _gathered(processes, score_pairs(model, mine, pad, reference=True, progress=bar.update, **scoring),
-                              len(pairs))
-    metrics = preference_metrics(training.dpo, policy, reference)
-
-    picked = distinct_prompts(examples, settings.prompts)
-    prompt_ids = [encode_prompt(tokenizer, example.prompt, chat_template=example.is_chat) for example in picked]
-    indices = list(range(len(picked)))
-    # Each process answers its share of the prompts; an answer's seed is (seed, prompt, sample).
-    share = processes.shard(len(picked))
-    with tqdm(total=2 * len(share), desc="generate", unit="prompt", **bars) as bar:
-        policy_answers = processes.gather_items(
-            sample(model, tokenizer, [prompt_ids[i] for i in share], sampling, prompt_indices=share,
-                   batch_size=settings.batch_size, progress=bar), len(picked))
+    def work(share: Sequence[int]) -> list[list[dict[str, Any]]]:
+        ids = [prompt_ids[i] for i in share]
+        policy = sample(model, tokenizer, ids, sampling, prompt_indices=share, batch_size=batch_size)
         with reference_model(model):  # the same model, adapter off (or the starting adapter): same seeds
-            reference_answers = processes.gather_items(
-                sample(model, tokenizer, [prompt_ids[i] for i in share], sampling, prompt_indices=share,
-                       batch_size=settings.batch_size, progress=bar), len(picked))
-    rows = [(i, j) for i in indices for j in range(settings.samples)]
-    answer_pairs = [TokenizedPair(prompt_ids[i], policy_answers[i][j].token_ids, reference_answers[i][j].token_ids)
-                    for i, j in rows]
-    mine = [answer_pairs[k] for k in processes.shard(len(answer_pairs))]
-    with tqdm(total=2 * len(mine), desc="score answers (KL)", unit="answer", **bars) as bar:
-        on_policy = _gathered(processes, score_pairs(model, mine, pad, progress=bar.update, **scoring),
-                              len(answer_pairs))
-        on_reference = _gathered(processes, score_pairs(model, mine, pad, reference=True, progress=bar.update,
-                                                        **scoring), len(answer_pairs))
-    kl = kl_per_answer(on_policy.chosen, on_reference.chosen)
-    policy_lengths = [policy_answers[i][j].num_tokens for i, j in rows]
-    reference_lengths = [reference_answers[i][j].num_tokens for i, j in rows]
-    cut = sum(policy_answers[i][j].finish_reason == "length" for i, j in rows) / len(rows)
+            reference = sample(model, tokenizer, ids, sampling, prompt_indices=share, batch_size=batch_size)
+        n = sampling.num_samples
+        answer_pairs = [TokenizedPair(prompt_ids[i], policy[k][j].token_ids, reference[k][j].token_ids)
+                        for k, i in enumerate(share) for j in range(n)]
+        on_policy = score_pairs(model, answer_pairs, pad, **scoring).chosen.tolist()
+        on_reference = score_pairs(model, answer_pairs, pad, reference=True, **scoring).chosen.tolist()
+        return [[{"sample": j, "reference": reference[k][j].text, "policy": policy[k][j].text,
+                  "reference_tokens": reference[k][j].num_tokens, "policy_tokens": policy[k][j].num_tokens,
+                  "policy_cut": policy[k][j].finish_reason == "length",
+                  "policy_logp": on_policy[k * n + j], "reference_logp": on_reference[k * n + j]}
+                 for j in range(n)] for k in range(len(share))]
+
+    _in_whole_chunks(stage, len(prompt_ids), chunk, "eval: answer", "answered", bar, work, processes)
+
+
+def judge_answers(judge: Any, prompts: Sequence[Text], answers: dict[int, list[dict[str, Any]]], batch_size: int,
+                  stage: "Records | Followed", chunk: int, bar: bool, processes: Processes) -> None:
+    """The judge's score of both answers of every answer row of the prompts ``stage`` lacks,
+    written to ``stage`` a chunk of prompts at a time: ``{"sample", "reference_score", "policy_score"}``."""
+    def work(share: Sequence[int]) -> list[list[dict[str, Any]]]:
+        rows = [(i, row) for i in share for row in answers[i]]
+        texts = [prompts[i] for i, _ in rows]
+        reference = _judge(judge, texts, [row["reference"] for _, row in rows], batch_size)
+        policy = _judge(judge, texts, [row["policy"] for _, row in rows], batch_size)
+        scored: dict[int, list[dict[str, Any]]] = {i: [] for i in share}
+        for (i, row), r, p in zip(rows, reference, policy):
+            scored[i].append({"sample": row["sample"], "reference_score": r, "policy_score": p})
+        return [scored[i] for i in share]
+
+    _in_whole_chunks(stage, len(prompts), chunk, "eval: judge", "judged", bar, work, processes)
+
+
+def _in_whole_chunks(stage: "Records | Followed", count: int, chunk: int, desc: str, done: str, bar: bool,
+                     work: Callable[[Sequence[int]], list[Any]], processes: Processes) -> None:
+    """``records.in_chunks`` over the prompts 0..count-1 that ``stage`` lacks, in whole chunks:
+    a chunk a killed run left half written is worked again in full (its finished prompts are not
+    written twice), so that every chunk goes through the models with the same neighbours, and
+    in the same batches, as in an uninterrupted run: the same numbers to the last bit, which a
+    chunk cut short would change in rounding."""
+    todo = _pending(stage, count, chunk)
+
+    def write(prompt: int, rows: list[dict[str, Any]]) -> None:
+        if not stage.is_done(prompt):
+            stage.write(prompt, rows)
+
+    in_chunks(todo, chunk, desc, done, bar, work, write, processes, logger=log)
+
+
+def _pending(stage: "Records | Followed", count: int, chunk: int) -> list[int]:
+    """The prompts of every chunk (of ``chunk`` prompts, from prompt 0) that ``stage`` lacks a
+    prompt of; as whole chunks, in_chunks cuts them at the same places."""
+    blocks = [range(start, min(count, start + chunk)) for start in range(0, count, chunk)]
+    return [i for block in blocks if not all(stage.is_done(i) for i in block) for i in block]
+
+
+def _open_stage(path: Path, fingerprint: dict[str, Any], overwrite: bool, processes: Processes) -> "Records | Followed":
+    stage = open_shared(path, fingerprint, overwrite, processes)
+    if isinstance(stage, Records) and stage.resumed:
+        log.info(stage.status())
+    return stage
+
+
+def _finished_rows(stage: "Records | Followed", processes: Processes) -> dict[int, list[dict[str, Any]]]:
+    """Every prompt's rows of a finished stage, on every process: the main process closes the file
+    and reads it back, the others get its rows (one all-gather). Both a resumed and an
+    uninterrupted run take their numbers from these same bytes."""
+    rows: Optional[dict[int, list[dict[str, Any]]]] = None
+    if isinstance(stage, Records):
+        stage.close()
+        rows = {}
+        with stage.path.open(encoding="utf-8") as handle:
+            for line in handle:
+                row = json.loads(line)
+                rows.setdefault(row["prompt_index"], []).append(row)
+    return from_main(processes, rows)
+
+
+def _assemble(run_dir: Path, out: Path, data_name: str, pairs: int, picked: Sequence[PreferenceExample],
+              settings: EvalConfig, metrics: dict[str, MetricRow], answers: dict[int, list[dict[str, Any]]],
+              judged: Optional[dict[int, list[dict[str, Any]]]]) -> tuple[EvalResult, list[dict[str, Any]]]:
+    """The result and the rows of samples.jsonl, from the stage files' rows (answers, scores)."""
+    keys = [(i, row["sample"]) for i in range(len(picked)) for row in answers[i]]
+    rows = [row for i in range(len(picked)) for row in answers[i]]
+    kl = kl_per_answer(torch.tensor([row["policy_logp"] for row in rows], dtype=torch.float64),
+                       torch.tensor([row["reference_logp"] for row in rows], dtype=torch.float64))
+    policy_lengths = [row["policy_tokens"] for row in rows]
+    reference_lengths = [row["reference_tokens"] for row in rows]
+    cut = sum(row["policy_cut"] for row in rows) / len(rows)
     metrics["answer length (tokens)"] = {"reference": sum(reference_lengths) / len(rows),
                                          "policy": sum(policy_lengths) / len(rows)}
     metrics["KL to reference (nats/answer)"] = {"reference": None, "policy": kl}
     length_ratio = metrics["answer length (tokens)"]["policy"] / max(1e-9, metrics["answer length (tokens)"]["reference"])
-
-    # One GPU: the policy goes before the judge comes.
-    device_type = loaded.device.type
-    del model, loaded, on_policy, on_reference, policy, reference
-    gc.collect()
-    if device_type == "cuda":
-        torch.cuda.empty_cache()
-
-    prompts = [picked[i].prompt for i, _ in rows]
-    policy_texts = [policy_answers[i][j].text for i, j in rows]
-    reference_texts = [reference_answers[i][j].text for i, j in rows]
     scores: tuple[Optional[list[float]], Optional[list[float]]] = (None, None)
     wins = None
-    if settings.judge:
-        if judge is None:
-            judge = load_reward(settings.judge, device=target, four_bit=settings.judge_4bit,
-                                batch_size=settings.batch_size, flag="--judge")
-        share = processes.shard(len(rows))  # each process judges its share of the answers
-        try:
-            scores = tuple(processes.gather_items(
-                _judge(judge, [prompts[k] for k in share], [texts[k] for k in share], settings.batch_size, what, bars),
-                len(rows)) for texts, what in ((reference_texts, "judge reference"), (policy_texts, "judge policy")))
-        finally:
-            judge.close()
-        wins = win_rate(scores[1], scores[0], [i for i, _ in rows], policy_lengths, reference_lengths)
+    if judged is not None:
+        scored = [row for i in range(len(picked)) for row in judged[i]]
+        scores = ([row["reference_score"] for row in scored], [row["policy_score"] for row in scored])
+        wins = win_rate(scores[1], scores[0], [i for i, _ in keys], policy_lengths, reference_lengths)
         metrics["judge score (mean)"] = {"reference": sum(scores[0]) / len(rows), "policy": sum(scores[1]) / len(rows)}
 
-    result = EvalResult(str(run_dir), str(out), data_name, len(pairs), len(picked), settings.samples, settings.judge,
+    result = EvalResult(str(run_dir), str(out), data_name, pairs, len(picked), settings.samples, settings.judge,
                         metrics, length_ratio, kl, wins)
     result.warnings = eval_warnings(metrics, length_ratio, kl, cut, wins, settings)
     sample_rows = []
-    for k, (i, j) in enumerate(rows):
+    for k, ((i, j), row) in enumerate(zip(keys, rows)):
         sample_rows.append({"prompt_index": i, "prompt": picked[i].prompt, "sample": j,
                             "seed": answer_seed(settings.seed, i, j),
-                            "reference": reference_texts[k], "policy": policy_texts[k],
+                            "reference": row["reference"], "policy": row["policy"],
                             "reference_score": None if scores[0] is None else scores[0][k],
                             "policy_score": None if scores[1] is None else scores[1][k],
-                            "reference_tokens": reference_lengths[k], "policy_tokens": policy_lengths[k]})
-    if not processes.is_main:
-        return result  # the main process writes and prints
-    write_outputs(out, result, sample_rows)
-    if out.resolve().parent == run_dir.resolve():
-        _record_in_run(run_dir, out.name)
-    for line in result.lines():
-        (show or print)(line)
-    return result
+                            "reference_tokens": row["reference_tokens"], "policy_tokens": row["policy_tokens"]})
+    return result, sample_rows
 
 
 def _gathered(processes: Processes, logps: PairLogps, size: int) -> PairLogps:
@@ -452,22 +593,16 @@ def _gathered(processes: Processes, logps: PairLogps, size: int) -> PairLogps:
                        for name in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")))
 
 
-def _judge(judge: Any, prompts: Sequence[Text], answers: Sequence[str], batch_size: int, what: str,
-           bars: dict[str, Any]) -> list[float]:
-    from tqdm.auto import tqdm
-
+def _judge(judge: Any, prompts: Sequence[Text], answers: Sequence[str], batch_size: int) -> list[float]:
     scores: list[float] = []
-    with tqdm(total=len(answers), desc=what, unit="answer", **bars) as bar:
-        for start in range(0, len(answers), batch_size):
-            chunk = slice(start, start + batch_size)
-            scores += judge.score(list(prompts[chunk]), list(answers[chunk]))
-            bar.update(len(answers[chunk]))
+    for start in range(0, len(answers), batch_size):
+        chunk = slice(start, start + batch_size)
+        scores += judge.score(list(prompts[chunk]), list(answers[chunk]))
     return scores
 
 
 def write_outputs(out: Path, result: EvalResult, sample_rows: list[dict[str, Any]]) -> None:
     """samples.jsonl, then eval.json, each to a temporary file renamed into place."""
-    out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "samples.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in sample_rows))
     write_text_atomic(out / "eval.json", json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
 
@@ -510,6 +645,7 @@ def run_eval_command(args: Any) -> int:
     # Under torchrun or accelerate launch: one process per GPU, each evaluating its share.
     launched = processes(resolve_device(args.device, "--device"))
     evaluate_run(run_dir, settings, data=args.data, out=args.out, device=args.device,
-                 progress=False if args.no_progress else None, show=print, processes=launched)
+                 progress=False if args.no_progress else None, show=print, processes=launched,
+                 overwrite=args.overwrite)
     sys.stdout.flush()
     return 0

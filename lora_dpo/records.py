@@ -42,23 +42,30 @@ prompt, so a killed process loses nothing it finished. ``fsync`` (the cost of su
 cut) runs at most every ``sync_every_s`` seconds (default 5) and on close; after a power cut the
 progress file may run ahead of the output, and the prompts it lists beyond the output's end are
 done again. The output is locked while open (``flock``, where the OS has it), so two jobs cannot
-write one file. Standard library only.
+write one file. Standard library only (and tqdm for the bar of ``in_chunks``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from .errors import LoraDpoError
 
 FORMAT = "lora-dpo-progress/1"
 PROGRESS_SUFFIX = ".progress"
+
+# Prompts go through the model in chunks of this many batches, each chunk written when it is
+# done: enough rows for length sorting to pay, few enough that a kill loses little.
+CHUNK_BATCHES = 4
 
 
 def progress_path(path: str | Path) -> Path:
@@ -369,3 +376,102 @@ def _lock(handle: Any, path: Path) -> None:
         raise LoraDpoError(f"{path} is being written by another running job. Fix: wait for it to finish, or choose "
                            "another output") from None
 
+
+# ---------------------------------------------------------------------------------------------
+# Several processes, chunk by chunk (collect's commands and lora-dpo eval)
+#
+# Under torchrun or accelerate launch the main process alone opens, writes and closes an output;
+# the others learn from it which prompts are done (``open_shared``). Each chunk of prompts is
+# shared out (``in_chunks``: every process works on every ``count``-th prompt of the chunk, the
+# results are gathered in prompt order, the main process writes them), so a kill loses at most a
+# chunk and every process makes the same collective calls. ``processes`` is a
+# ``distributed.Processes`` (alone: ``Processes()``, for which all of this costs nothing).
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@contextlib.contextmanager
+def prompt_bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
+    """A bar counting finished prompts (written or skipped), with prompts/s and the time left;
+    shown on a terminal only."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit="prompt", dynamic_ncols=True, leave=False,
+              disable=not enabled or not sys.stderr.isatty()) as bar:
+        yield bar
+
+
+def in_chunks(todo: Sequence[Any], size: int, desc: str, done: str, bar_enabled: bool, work: Any, write: Any,
+              processes: Any, *, logger: logging.Logger) -> None:
+    """Each chunk of ``size`` prompts of ``todo``, shared out over the processes: ``work(share)``
+    returns one result (plain, picklable data) per prompt of this process's share, every
+    ``count``-th prompt of the chunk (alone: the whole chunk); the results are gathered in prompt
+    order, and the main process calls ``write(prompt, result)`` for each prompt of the chunk, which
+    advances the bar, before the next chunk starts. One gather per chunk on every process, so
+    the processes stay in step. Logs the rate at the end to the command's ``logger`` as "DONE: N
+    prompts in S s" (what scripts/bench_collect.py reads from lora_dpo.collect)."""
+    started = time.monotonic()
+    with prompt_bar(len(todo), desc, bar_enabled and processes.is_main) as bar:
+        for part in chunks(todo, size):
+            share = [part[k] for k in processes.shard(len(part))]
+            # A chunk shorter than the processes leaves some without prompts; they still gather.
+            results = processes.gather_items(list(work(share)) if share else [], len(part))
+            if processes.is_main:
+                for prompt, result in zip(part, results):
+                    write(prompt, result)
+                    bar.update(1)
+    log_rate(logger, done, len(todo), started)
+
+
+def log_rate(logger: logging.Logger, what: str, count: int, started: float) -> None:
+    elapsed = time.monotonic() - started
+    if count:
+        logger.info("%s: %d prompts in %.1f s (%.2f prompts/s)", what, count, elapsed, count / max(elapsed, 1e-9))
+
+
+def from_main(processes: Any, value: Any) -> Any:
+    """``value`` as the main process has it, on every process (one all-gather of Python objects;
+    alone, ``value`` itself)."""
+    return processes.gather_items([value], processes.count)[0]
+
+
+class Followed:
+    """An output as a process other than the main one knows it: the prompts that were done when
+    the main process opened it. It writes nothing; the main process writes every row."""
+
+    def __init__(self, path: Path, done: set[int]):
+        self.path = path
+        self.done = done
+
+    def is_done(self, prompt_index: int) -> bool:
+        return prompt_index in self.done
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Followed":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def open_shared(path: str | Path, fingerprint: dict[str, Any], overwrite: bool, processes: Any) -> "Records | Followed":
+    """``records.open_records`` on the main process; every other process gets a ``Followed``
+    with the prompts the main one found done, and the main one's error when it refused the
+    output (another command's settings), so that every process stops with the same line."""
+    if processes.count == 1:
+        return open_records(path, fingerprint, overwrite=overwrite)
+    opened, problem = None, None
+    if processes.is_main:
+        try:
+            opened = open_records(path, fingerprint, overwrite=overwrite)
+        except LoraDpoError as exc:
+            problem = str(exc)
+    done, problem = from_main(processes, (sorted(opened.done) if opened is not None else [], problem))
+    if problem is not None:
+        raise LoraDpoError(problem)
+    return opened if opened is not None else Followed(Path(path), set(done))

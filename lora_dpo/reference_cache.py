@@ -150,7 +150,7 @@ def reference_identity(model_config: Any, compute_dtype: torch.dtype) -> dict[st
     return {
         "format": CACHE_FORMAT,
         "base": _base_identity(model_config.name_or_path, model_config.revision, model_config.trust_remote_code),
-        "init_adapter": _adapter_identity(model_config.init_adapter),
+        "init_adapter": adapter_identity(model_config.init_adapter),
         "load_in_4bit": bool(model_config.load_in_4bit),
         "double_quant": bool(model_config.double_quant),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
@@ -208,8 +208,9 @@ def _file_stamp(path: Path) -> list[Any]:
     return [path.name, stat.st_size, stat.st_mtime_ns]
 
 
-def _adapter_identity(adapter: str | None) -> dict[str, Any] | None:
-    """Path and content hash of the init adapter's files (adapters are megabytes, so hashing is cheap)."""
+def adapter_identity(adapter: str | None) -> dict[str, Any] | None:
+    """Path and content hash of an adapter directory's ``adapter_*`` files (the init adapter's here, the
+    evaluated run's in evaluation's resume fingerprint; adapters are megabytes, so hashing is cheap)."""
     if not adapter:
         return None
     directory = Path(adapter)

@@ -4,7 +4,8 @@ share of the prompts.
 
 One spawn of two processes runs every command, because starting them is most of the cost:
 collect rank, collect rank continuing an output a killed one-process run left, collect revise
-(with --sft-out), collect judge, and eval of a tiny trained run. The parent runs the same
+(with --sft-out), collect judge, eval of a tiny trained run, and eval continuing an evaluation a
+killed one-process run left. The parent runs the same
 commands in one process and compares the files: the same bytes (the judge's probabilities and
 eval.json's numbers to float rounding: their pairs are scored in other micro-batches), written
 by the main process alone; the other process opened no file for writing under the test's
@@ -96,6 +97,9 @@ def worker(rank: int, port: int, root: str, jobs: dict[str, list[str]]) -> None:
     from lora_dpo.cli import main
 
     without_position_bias_skips()
+    from lora_dpo import evaluation
+
+    evaluation.CHUNK_BATCHES = 1  # as killed_eval ran: chunks of 2 prompts at --batch-size 2 over two processes
     report, seen, recording = {"codes": {}, "printed": {}}, [], [rank != 0]
     watch_writes(root, seen, recording)
     for name, words in jobs.items():
@@ -135,6 +139,33 @@ def killed_twice(words: list[str]) -> None:
         Records.write = real
 
 
+def resumed_eval_words(run_dir: Path, out: Path) -> list[str]:
+    """eval_words at --batch-size 2: with CHUNK_BATCHES 1, chunks of one prompt alone, of two over two processes."""
+    words = eval_words(run_dir, out)
+    words[words.index("--batch-size") + 1] = "2"
+    return words
+
+
+def killed_eval(words: list[str]) -> None:
+    """eval killed (Ctrl-C) in the second chunk's generation: prompt 0's answers saved, for the
+    two processes to continue (their first chunk, prompts 0 and 1, is half done)."""
+    from lora_dpo import evaluation
+
+    real, chunk_batches, calls = evaluation.sample, evaluation.CHUNK_BATCHES, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    evaluation.sample, evaluation.CHUNK_BATCHES = dying, 1
+    try:
+        assert main(words) == 130
+    finally:
+        evaluation.sample, evaluation.CHUNK_BATCHES = real, chunk_batches
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, llama_dir, demo_rows):
     """(root, the two processes' reports): the one-process runs are in root under *-single."""
@@ -161,7 +192,11 @@ def runs(tmp_path_factory, llama_dir, demo_rows):
     killed_twice(killed)
     assert 0 < len((root / "killed.jsonl").read_text().splitlines()) < len((root / "rank-single.jsonl").read_text().splitlines())
 
-    jobs = {**commands(root, llama_dir, run_dir, "ddp"), "resumed": killed}
+    eval_killed = resumed_eval_words(run_dir, root / "eval-killed")
+    killed_eval(eval_killed)
+    assert len((root / "eval-killed" / "answers.jsonl").read_text().splitlines()) == 2  # prompt 0's two answers
+
+    jobs = {**commands(root, llama_dir, run_dir, "ddp"), "resumed": killed, "eval-resumed": eval_killed}
     torch.multiprocessing.start_processes(worker, args=(free_port(), str(root), jobs), nprocs=2, join=True,
                                           start_method="spawn")
     return root, [json.loads((root / f"rank-{rank}.json").read_text()) for rank in range(2)]
@@ -186,7 +221,7 @@ def same_numbers(got, want) -> None:
 def test_every_command_succeeds_and_only_the_main_process_writes_and_prints(runs):
     root, reports = runs
     for report in reports:
-        assert report["codes"] == {"rank": 0, "revise": 0, "judge": 0, "eval": 0, "resumed": 0}
+        assert report["codes"] == {"rank": 0, "revise": 0, "judge": 0, "eval": 0, "resumed": 0, "eval-resumed": 0}
     assert reports[1]["writes"] == []
     assert all(printed == "" for printed in reports[1]["printed"].values())
     assert "rows from" in reports[0]["printed"]["rank"] and "held-out accuracy" in reports[0]["printed"]["eval"]
@@ -230,6 +265,14 @@ def test_eval_over_two_processes_gives_the_answers_and_numbers_of_one(runs):
     assert len(want.splitlines()) == 6 and (root / "eval-ddp" / "samples.jsonl").read_text() == want
     same_numbers(json.loads((root / "eval-ddp" / "eval.json").read_text()),
                  json.loads((root / "eval-single" / "eval.json").read_text()))
+
+
+def test_two_processes_continue_a_killed_evaluation_to_the_answers_and_numbers_of_one(runs):
+    root = runs[0]
+    assert (root / "eval-killed" / "samples.jsonl").read_text() == (root / "eval-single" / "samples.jsonl").read_text()
+    same_numbers(json.loads((root / "eval-killed" / "eval.json").read_text()),
+                 json.loads((root / "eval-single" / "eval.json").read_text()))
+    assert sorted(path.name for path in (root / "eval-killed").iterdir()) == ["eval.json", "samples.jsonl"]
 
 
 if __name__ == "__main__":

@@ -157,6 +157,138 @@ def test_eval_command_with_a_reward_model_judge(finished_run, llama_dir, tmp_pat
     assert rows[0]["reference"] == first[0]["reference"] and rows[0]["seed"] == first[0]["seed"]
 
 
+# ---------------------------------------------------------------------------------------------
+# Resuming: a killed evaluation continues to the outputs of an uninterrupted one
+
+
+def resume_words(run_dir, out, *extra):
+    """Three chunks of one prompt each (with CHUNK_BATCHES patched to 1: batch 2 // 2 samples)."""
+    return ["eval", str(run_dir), "--judge", "lora_dpo.demo:kindness", "--prompts", "3", "--samples", "2",
+            "--max-new-tokens", "4", "--batch-size", "2", "--out", str(out), "--no-progress", "--device", "cpu", *extra]
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts what the evaluation generates (the prompt indices of each ``sample`` call) and judges
+    (each ``_judge`` call); ``kill["sample"]`` / ``kill["judge"]``: the call number to raise
+    KeyboardInterrupt at (a Ctrl-C), counted from 1 since the last reset."""
+    from lora_dpo import evaluation
+
+    calls = {"sample": [], "judge": 0}
+    kill = {"sample": None, "judge": None}
+    real_sample, real_judge = evaluation.sample, evaluation._judge
+
+    def sample(*args, **kwargs):
+        calls["sample"].append(list(kwargs["prompt_indices"]))
+        if len(calls["sample"]) == kill["sample"]:
+            raise KeyboardInterrupt
+        return real_sample(*args, **kwargs)
+
+    def judge(*args, **kwargs):
+        calls["judge"] += 1
+        if calls["judge"] == kill["judge"]:
+            raise KeyboardInterrupt
+        return real_judge(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "CHUNK_BATCHES", 1)
+    monkeypatch.setattr(evaluation, "sample", sample)
+    monkeypatch.setattr(evaluation, "_judge", judge)
+
+    def reset(**at):
+        calls.update(sample=[], judge=0)
+        kill.update({"sample": None, "judge": None, **at})
+        return calls
+
+    return reset
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(finished_run, tmp_path_factory):
+    """The outputs of the resume tests' command run in one go (its own CHUNK_BATCHES patch)."""
+    from lora_dpo import evaluation
+
+    out = tmp_path_factory.mktemp("uninterrupted") / "eval"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(evaluation, "CHUNK_BATCHES", 1)
+        assert main(resume_words(finished_run, out)) == 0
+    return out
+
+
+def outputs(out):
+    return {name: (out / name).read_bytes() for name in ("eval.json", "samples.jsonl")}
+
+
+def test_a_killed_evaluation_continues_to_the_outputs_of_an_uninterrupted_one(finished_run, uninterrupted, counted,
+                                                                             tmp_path, capsys, caplog):
+    out = tmp_path / "eval"
+    # Killed in the second chunk's generation: the first prompt's answers are saved, nothing else.
+    calls = counted(sample=3)
+    assert main(resume_words(finished_run, out)) == 130
+    assert calls["sample"] == [[0], [0], [1]] and calls["judge"] == 0
+    assert not (out / "eval.json").exists() and not (out / "samples.jsonl").exists()
+    saved = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert [(row["prompt_index"], row["sample"]) for row in saved] == [(0, 0), (0, 1)]
+    # Killed again in the judging of the second chunk: all answers saved, the first prompt's scores.
+    calls = counted(judge=3)
+    with caplog.at_level("INFO"):
+        assert main(resume_words(finished_run, out)) == 130
+    assert "resuming" in caplog.text and "1 prompts done" in caplog.text
+    assert calls["sample"] == [[1], [1], [2], [2]] and calls["judge"] == 3  # prompt 0 not answered again
+    assert [json.loads(line)["prompt_index"] for line in (out / "scores.jsonl").read_text().splitlines()] == [0, 0]
+    # The third run judges what is left, generates nothing, and writes what one run writes.
+    calls = counted()
+    capsys.readouterr()
+    assert main(resume_words(finished_run, out)) == 0
+    assert calls["sample"] == [] and calls["judge"] == 4  # prompts 1 and 2, reference and policy
+    assert "held-out accuracy" in capsys.readouterr().out
+    assert outputs(out) == outputs(uninterrupted)
+    assert sorted(path.name for path in out.iterdir()) == ["eval.json", "samples.jsonl"]  # no stage files left
+
+
+def test_other_settings_against_a_killed_evaluation_are_refused_until_overwrite(finished_run, uninterrupted, counted,
+                                                                               tmp_path, capsys):
+    out = tmp_path / "eval"
+    counted(sample=3)
+    assert main(resume_words(finished_run, out, "--seed", "1")) == 130
+    before = (out / "answers.jsonl").read_bytes()
+    capsys.readouterr()
+    for flags, named in ((["--seed", "0"], "seed: 1 before, 0 now"), (["--seed", "1", "--top-k", "5"], "top_k: 0 before, 5 now"),
+                         (["--seed", "1", "--judge", f"{tmp_path / 'no_judge.py'}:score"], None)):
+        code = main(resume_words(finished_run, out, *flags))
+        err = capsys.readouterr().err
+        if named is None:  # a judge that does not import fails before the stage files are looked at
+            assert code == 2 and "no_judge" in err
+            continue
+        assert code == 2 and err.count("\n") == 1 and named in err and "--overwrite" in err
+        assert "answers.jsonl was started with other settings" in err
+    assert (out / "answers.jsonl").read_bytes() == before  # refused: nothing touched
+    # Another judge keeps the answers but not the scores: the judge stage names it.
+    counted(judge=1)
+    assert main(resume_words(finished_run, out, "--seed", "1")) == 130
+    capsys.readouterr()
+    (tmp_path / "other_judge.py").write_text("def score(prompt, answer):\n    return float(len(answer))\n")
+    assert main(resume_words(finished_run, out, "--seed", "1", "--judge", f"{tmp_path / 'other_judge.py'}:score")) == 2
+    err = capsys.readouterr().err
+    assert "scores.jsonl was started with other settings (judge:" in err and err.count("\n") == 1
+    # --overwrite starts again from the first prompt, and ends as an uninterrupted run does.
+    calls = counted()
+    assert main(resume_words(finished_run, out, "--overwrite")) == 0
+    assert [indices[0] for indices in calls["sample"]] == [0, 0, 1, 1, 2, 2]
+    assert outputs(out) == outputs(uninterrupted)
+
+
+def test_a_chunk_left_half_written_is_worked_again_whole():
+    """A chunk goes through the models whole (the same batches, so the same bits), its finished prompts
+    not written twice: a kill between two prompts' writes of a chunk costs the whole chunk."""
+    from lora_dpo.evaluation import _pending
+
+    class Stage:
+        def is_done(self, prompt):
+            return prompt in {0, 1, 2, 4}
+
+    assert _pending(Stage(), 7, 3) == [3, 4, 5, 6]
+
+
 def test_eval_mistakes_are_one_line_and_write_nothing(finished_run, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["eval", str(finished_run), "--judge", "no_such_module:judge", "--out", str(out)]) == 2

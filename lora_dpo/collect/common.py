@@ -19,39 +19,33 @@ output is complete.
 
 Several processes (torchrun or accelerate launch, each holding the whole model on its own
 device): ``launch`` gives the command's processes. The main process alone opens, writes and
-closes the outputs; the others learn from it which prompts are done (``open_shared``). Each
-chunk of prompts is shared out (``in_chunks``: every process works on every ``count``-th prompt
-of the chunk, the results are gathered in prompt order, the main process writes them), so a
-kill loses at most a chunk, and every process makes the same collective calls. The rows equal
-one process's: every random draw is named by its prompt.
+closes the outputs; the others learn from it which prompts are done (``records.open_shared``).
+Each chunk of prompts is shared out (``records.in_chunks``: every process works on every
+``count``-th prompt of the chunk, the results are gathered in prompt order, the main process
+writes them), so a kill loses at most a chunk, and every process makes the same collective
+calls. The rows equal one process's: every random draw is named by its prompt.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import gc
 import json
 import logging
 import re
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..data import RowError, Text, check_text_field, encode_prompt, parse_row
 from ..errors import DataError, LoraDpoError
 from ..generation import Sample, SamplingSettings, sample
 from ..prompts import Prompt, PromptReport, read_prompts
-from ..records import Records, content_hash, open_records, progress_path
+from ..records import CHUNK_BATCHES, Followed, Records, content_hash, in_chunks, open_shared, progress_path
 
 log = logging.getLogger("lora_dpo.collect")
 
-# Prompts go through the model in chunks of this many batches, each chunk written when it is
-# done: enough rows for length sorting to pay, few enough that a kill loses little.
-CHUNK_BATCHES = 4
 SAMPLING_KEYS = {"max_new_tokens": int, "temperature": float, "top_p": float, "top_k": int,
                  "repetition_penalty": float, "stop": list}
 CANDIDATES_SUFFIX = ".candidates"
@@ -227,51 +221,8 @@ def check_text(value: Any, what: str) -> str:
     return text
 
 
-def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-@contextlib.contextmanager
-def prompt_bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
-    """A bar counting finished prompts (written or skipped), with prompts/s and the time left;
-    shown on a terminal only."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=total, desc=desc, unit="prompt", dynamic_ncols=True, leave=False,
-              disable=not enabled or not sys.stderr.isatty()) as bar:
-        yield bar
-
-
-def in_chunks(todo: Sequence[Any], size: int, desc: str, done: str, bar_enabled: bool, work: Any, write: Any,
-              processes: Any) -> None:
-    """Each chunk of ``size`` prompts of ``todo``, shared out over the processes: ``work(share)``
-    returns one result (plain, picklable data) per prompt of this process's share, every
-    ``count``-th prompt of the chunk (alone: the whole chunk); the results are gathered in prompt
-    order, and the main process calls ``write(prompt, result)`` for each prompt of the chunk, which
-    advances the bar, before the next chunk starts. One gather per chunk on every process, so
-    the processes stay in step. Logs the rate at the end as "DONE: N prompts in S s"."""
-    started = time.monotonic()
-    with prompt_bar(len(todo), desc, bar_enabled and processes.is_main) as bar:
-        for part in chunks(todo, size):
-            share = [part[k] for k in processes.shard(len(part))]
-            # A chunk shorter than the processes leaves some without prompts; they still gather.
-            results = processes.gather_items(list(work(share)) if share else [], len(part))
-            if processes.is_main:
-                for prompt, result in zip(part, results):
-                    write(prompt, result)
-                    bar.update(1)
-    log_rate(done, len(todo), started)
-
-
 def show_bar(args: Any) -> bool:
     return not args.no_progress
-
-
-def log_rate(what: str, count: int, started: float) -> None:
-    elapsed = time.monotonic() - started
-    if count:
-        log.info("%s: %d prompts in %.1f s (%.2f prompts/s)", what, count, elapsed, count / max(elapsed, 1e-9))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +359,7 @@ def collect_candidates(out: "Records | Followed", prompts: Sequence[Prompt], set
 
             # Each process's share of a chunk is the chunk one process alone would run.
             chunk = max(1, model.batch_size // settings.num_samples) * CHUNK_BATCHES * processes.count
-            in_chunks(missing, chunk, f"{desc}: generate", "generated", bar_enabled, generate, write, processes)
+            in_chunks(missing, chunk, f"{desc}: generate", "generated", bar_enabled, generate, write, processes, logger=log)
     processes.wait()  # the main process has closed the file: every process may read it
     if processes.count > 1 and not path.is_file():
         raise LoraDpoError(f"{path}: not found by process {processes.rank}, which reads the candidates the main process "
@@ -449,51 +400,6 @@ def launch(args: Any) -> Any:
     from ..modeling import resolve_device
 
     return processes(resolve_device(args.device, "--device"))
-
-
-def from_main(processes: Any, value: Any) -> Any:
-    """``value`` as the main process has it, on every process (one all-gather of Python objects;
-    alone, ``value`` itself)."""
-    return processes.gather_items([value], processes.count)[0]
-
-
-class Followed:
-    """An output as a process other than the main one knows it: the prompts that were done when
-    the main process opened it. It writes nothing; the main process writes every row."""
-
-    def __init__(self, path: Path, done: set[int]):
-        self.path = path
-        self.done = done
-
-    def is_done(self, prompt_index: int) -> bool:
-        return prompt_index in self.done
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "Followed":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-
-def open_shared(path: str | Path, fingerprint: dict[str, Any], overwrite: bool, processes: Any) -> "Records | Followed":
-    """``records.open_records`` on the main process; every other process gets a ``Followed``
-    with the prompts the main one found done, and the main one's error when it refused the
-    output (another command's settings), so that every process stops with the same line."""
-    if processes.count == 1:
-        return open_records(path, fingerprint, overwrite=overwrite)
-    opened, problem = None, None
-    if processes.is_main:
-        try:
-            opened = open_records(path, fingerprint, overwrite=overwrite)
-        except LoraDpoError as exc:
-            problem = str(exc)
-    done, problem = from_main(processes, (sorted(opened.done) if opened is not None else [], problem))
-    if problem is not None:
-        raise LoraDpoError(problem)
-    return opened if opened is not None else Followed(Path(path), set(done))
 
 
 @dataclass

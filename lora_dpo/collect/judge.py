@@ -26,8 +26,9 @@ from typing import Any, Optional, Sequence
 from ..data import RowError, Text
 from ..errors import LoraDpoError
 from ..prompts import Prompt
+from ..records import in_chunks
 from .common import (CHUNK_BATCHES, Candidates, Outcome, add_input_arguments, add_model_arguments,
-                     add_sampling_arguments, collect_candidates, finish_output, in_chunks, launch, load_chat_model,
+                     add_sampling_arguments, collect_candidates, finish_output, launch, load_chat_model,
                      open_output, pair_row, prompts_fingerprint, read_collect_prompts, sampling_record,
                      sampling_settings, show_bar, unusable)
 from .principles import Principles, load_principles
@@ -178,7 +179,7 @@ def run_judge(args: Any) -> int:
                 outcome.record(out, prompt.index)
 
             in_chunks(todo, max(1, args.batch_size) * CHUNK_BATCHES * processes.count, "collect judge: judge", "judged",
-                      show_bar(args), judge, write, processes)
+                      show_bar(args), judge, write, processes, logger=log)
             model.close()
     except BaseException:
         out.close()

@@ -28,8 +28,9 @@ from typing import Any, Optional, Sequence
 
 from ..data import RowError
 from ..errors import LoraDpoError
+from ..records import in_chunks
 from .common import (CHUNK_BATCHES, Candidates, Outcome, add_input_arguments, add_model_arguments,
-                     add_sampling_arguments, collect_candidates, finish_output, in_chunks, launch, load_chat_model,
+                     add_sampling_arguments, collect_candidates, finish_output, launch, load_chat_model,
                      open_output, pair_row, prompts_fingerprint, read_collect_prompts, sampling_record,
                      sampling_settings, show_bar, unusable)
 
@@ -199,7 +200,7 @@ def score_and_write(out: Any, prompts: Sequence[Any], candidates: dict[int, Cand
         outcome.record(out, prompt.index)
 
     size = max(1, args.reward_batch_size) * CHUNK_BATCHES * processes.count
-    in_chunks(prompts, size, "collect rank: score", "scored", show_bar(args), score, write, processes)
+    in_chunks(prompts, size, "collect rank: score", "scored", show_bar(args), score, write, processes, logger=log)
     if dropped.empty or dropped.duplicates:
         log.info("dropped before scoring: %d empty answers, %d repeated answers", dropped.empty, dropped.duplicates)
 

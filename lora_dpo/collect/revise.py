@@ -31,8 +31,9 @@ from ..data import RowError, Text
 from ..errors import LoraDpoError
 from ..generation import SamplingSettings
 from ..prompts import Prompt
+from ..records import in_chunks, open_shared
 from .common import (CHUNK_BATCHES, Outcome, add_input_arguments, add_model_arguments, add_sampling_arguments,
-                     check_text, finish_output, in_chunks, launch, load_chat_model, open_output, open_shared, pair_row,
+                     check_text, finish_output, launch, load_chat_model, open_output, pair_row,
                      prompts_fingerprint, read_collect_prompts, sampling_record, sampling_settings, show_bar,
                      stage_seed, unusable)
 from .principles import Principles, load_principles
@@ -230,7 +231,7 @@ def run_revise(args: Any) -> int:
                 write_revised(out, sft, prompt.index, outcomes)
 
             in_chunks(todo, max(1, args.batch_size) * CHUNK_BATCHES * processes.count, "collect revise", "revised",
-                      show_bar(args), revise, write, processes)
+                      show_bar(args), revise, write, processes, logger=log)
             model.close()
     except BaseException:
         out.close()
