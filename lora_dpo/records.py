@@ -145,6 +145,11 @@ class Records:
         for row in rows:
             if row.get("prompt_index", prompt_index) != prompt_index:
                 raise ValueError(f"a row of prompt {prompt_index} says prompt_index {row['prompt_index']}")
+            bad = _non_finite(row)
+            if bad is not None:
+                raise LoraDpoError(f"{self.path}: prompt {prompt_index}'s {bad[0]} is {bad[1]}, not a finite number, so "
+                                   "it is not saved (the prompts before it are). Fix: check the model or scorer that "
+                                   "gave it (float16 overflows: use bfloat16), then run the same command again")
             lines.append(json.dumps({**row, "prompt_index": prompt_index}, ensure_ascii=False, allow_nan=False) + "\n")
         data = "".join(lines).encode("utf-8")  # encoded before anything is written: a bad row writes nothing
         self._main.write(data)
@@ -197,6 +202,23 @@ class Records:
         self._progress.flush()
         if time.monotonic() - self._last_sync >= self.sync_every_s:
             self.sync()
+
+
+def _non_finite(value: Any, name: str = "row") -> tuple[str, float] | None:
+    """(the field's name, the value) of the first NaN or infinity in a row, however nested; None if none."""
+    if isinstance(value, float):
+        return None if value == value and abs(value) != float("inf") else (name, value)
+    if isinstance(value, dict):
+        items = ((key if name == "row" else f"{name}.{key}", item) for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{name}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    for item_name, item in items:
+        found = _non_finite(item, item_name)
+        if found is not None:
+            return found
+    return None
 
 
 def open_records(path: str | Path, fingerprint: dict[str, Any], *, overwrite: bool = False,

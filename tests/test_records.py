@@ -249,8 +249,11 @@ def test_one_writer_at_a_time_and_misuse(tmp_path):
             records.write(1, [])
         with pytest.raises(TypeError):
             records.write(1, [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"bad": object()}])
-        with pytest.raises(ValueError):
+        # A model or scorer gone non-finite: one line naming the prompt and the field, not json's traceback.
+        with pytest.raises(LoraDpoError, match=r"prompt 2's score is nan, not a finite number.*Fix: "):
             records.write(2, [{"prompt": "a", "score": float("nan")}])
+        with pytest.raises(LoraDpoError, match=r"prompt 2's scores\[1\] is -inf"):
+            records.write(2, [{"prompt": "a", "scores": [0.5, float("-inf")]}])
         assert not records.is_done(1) and not records.is_done(2)
     assert len(path.read_text().splitlines()) == 1  # the refused rows wrote nothing
     with open_records(path, FINGERPRINT) as records:  # the lock went with the first writer
