@@ -421,10 +421,6 @@ class Config:
             raise ConfigError("dpo.ref_sync_every and dpo.precompute_reference are incompatible: TR-DPO moves the "
                               "reference during training, a precomputed table holds the reference of the start. Fix: "
                               "set dpo.precompute_reference=false, or dpo.ref_sync_every=0", key="dpo.ref_sync_every")
-        if dpo.ld_alpha is not None and dpo.precompute_reference:
-            raise ConfigError("dpo.ld_alpha and dpo.precompute_reference cannot be combined: the precomputed table holds "
-                              "whole-response log-probs, not the length-weighted ones LD-DPO compares. Fix: set "
-                              "dpo.precompute_reference=false, or remove dpo.ld_alpha", key="dpo.ld_alpha")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

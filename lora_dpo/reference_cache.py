@@ -76,7 +76,7 @@ class ReferenceTable:
 def reference_logps_for(model: Any, pairs: Sequence[TokenizedPair], model_config: Any, compute_dtype: torch.dtype,
                         pad_token_id: int, cache_dir: str | Path, micro_batch_size: int = 8,
                         layout: str = "padded", chunk_size: int = 512, pack_length: int | None = None,
-                        processes: Any = None, scorer: Any = None) -> ReferenceTable:
+                        processes: Any = None, scorer: Any = None, ld_alpha: float | None = None) -> ReferenceTable:
     """Reference log-probs of ``pairs``: read from ``cache_dir`` when present, else computed and saved there.
 
     ``model_config`` is the run's ``ModelConfig`` (it names the base, adapter and quantization);
@@ -84,11 +84,12 @@ def reference_logps_for(model: Any, pairs: Sequence[TokenizedPair], model_config
     (``distributed.Processes``) of a multi-process run: the file is read only when every process
     finds it; otherwise each computes its share of the pairs, the rows are gathered in pair
     order on every process, and the main process writes the one file. ``scorer``: the module the
-    passes run through (``batching.score_pairs``).
+    passes run through (``batching.score_pairs``). ``ld_alpha``: LD-DPO's length-weighted sums
+    (``batching.pair_logps``), which depend on the pair alone, so they are cached like the others.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     key = reference_cache_key(model_config, compute_dtype, pairs, layout, pack_length,
-                              getattr(base.config, "_attn_implementation", None))
+                              getattr(base.config, "_attn_implementation", None), ld_alpha=ld_alpha)
     path = cache_path(cache_dir, key)
     table = _load(path, key, pairs)
     if processes is not None and not processes.all(table is not None):
@@ -100,7 +101,7 @@ def reference_logps_for(model: Any, pairs: Sequence[TokenizedPair], model_config
     mine = processes.shard(len(pairs)) if processes is not None else list(range(len(pairs)))
     scored = processes.top_up(mine, len(pairs)) if processes is not None else mine  # sharded: the same passes
     table = compute_reference_logps(model, [pairs[i] for i in scored], pad_token_id, compute_dtype, micro_batch_size,
-                                    layout, chunk_size, pack_length, scorer=scorer)
+                                    layout, chunk_size, pack_length, scorer=scorer, ld_alpha=ld_alpha)
     if processes is not None:
         table = ReferenceTable(*(processes.gather_rows(getattr(table, name)[: len(mine)], len(pairs))
                                  for name in TENSOR_NAMES))
@@ -118,12 +119,13 @@ def cache_path(cache_dir: str | Path, key: str) -> Path:
 
 def compute_reference_logps(model: Any, pairs: Sequence[TokenizedPair], pad_token_id: int, compute_dtype: torch.dtype,
                             micro_batch_size: int = 8, layout: str = "padded", chunk_size: int = 512,
-                            pack_length: int | None = None, scorer: Any = None) -> ReferenceTable:
+                            pack_length: int | None = None, scorer: Any = None,
+                            ld_alpha: float | None = None) -> ReferenceTable:
     """One no-grad pass of the reference model over ``pairs`` (``batching.score_pairs``), on the CPU;
     rows follow the order of ``pairs``."""
     logps = score_pairs(model, pairs, pad_token_id, micro_batch_size=micro_batch_size, layout=layout,
                         chunk_size=chunk_size, pack_length=pack_length, compute_dtype=compute_dtype, reference=True,
-                        scorer=scorer)
+                        scorer=scorer, ld_alpha=ld_alpha)
     return ReferenceTable(*(getattr(logps, name).cpu() for name in TENSOR_NAMES))
 
 
@@ -133,16 +135,20 @@ def compute_reference_logps(model: Any, pairs: Sequence[TokenizedPair], pad_toke
 
 def reference_cache_key(model_config: Any, compute_dtype: torch.dtype, pairs: Sequence[TokenizedPair],
                         layout: str = "padded", pack_length: int | None = None,
-                        attn_implementation: str | None = None) -> str:
+                        attn_implementation: str | None = None, ld_alpha: float | None = None) -> str:
     """sha256 hex of everything that decides the reference log-probs of ``pairs``.
 
     ``attn_implementation`` is the kernel the loaded model runs (None: the configured one).
+    ``ld_alpha`` (LD-DPO's weighted sums) is part of the key only when set, so the tables of
+    every other run keep the keys they were written under.
     """
     identity = reference_identity(model_config, compute_dtype)
     identity["layout"] = layout
     identity["pack_length"] = pack_length if layout.startswith("packed") else None
     identity["attn_implementation"] = attn_implementation or model_config.attn_implementation
     identity["pairs"] = pairs_digest(pairs)
+    if ld_alpha is not None:
+        identity["ld_alpha"] = float(ld_alpha)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
 

@@ -740,7 +740,7 @@ def _reference_tables(config: Config, model: Any, scorer: torch.nn.Module, data:
             tables[split] = reference_logps_for(model, pairs, config.model, compute_dtype, pad_id, cache_dir,
                                                 config.train.micro_batch_size, config.data.layout,
                                                 config.dpo.logps_chunk_size, config.data.pack_length,
-                                                processes=processes, scorer=scorer)
+                                                processes=processes, scorer=scorer, ld_alpha=config.dpo.ld_alpha)
         except torch.OutOfMemoryError as exc:
             raise _out_of_memory(config, f"precomputing the {split} reference log-probs", pairs) from exc
     return tables

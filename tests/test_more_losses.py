@@ -228,7 +228,6 @@ REQUIRED = ["model.name_or_path=m", "data.train_file=t.jsonl"]
     (["dpo.f_divergence=alpha_divergence", "dpo.f_divergence_alpha=-1"], "dpo.f_divergence_alpha", "must be positive"),
     (["dpo.loss=aot", "dpo.wpo_weighting=true"], "dpo.wpo_weighting", "cannot weight aot"),
     (["dpo.ld_alpha=1.5"], "dpo.ld_alpha", r"must be in \[0, 1\]"),
-    (["dpo.ld_alpha=0.5", "dpo.precompute_reference=true"], "dpo.ld_alpha", "cannot be combined"),
 ])
 def test_invalid_settings_of_the_new_losses_name_the_key(overrides, key, message):
     with pytest.raises(ConfigError, match=message) as info:

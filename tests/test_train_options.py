@@ -65,6 +65,24 @@ def test_options_give_the_plain_run(options, plain_run, llama_dir, train_file, t
         assert any("read from" in r.getMessage() for r in caplog.records)
 
 
+def test_ld_dpo_with_a_precomputed_reference_gives_the_every_step_run(llama_dir, train_file, tmp_path):
+    """LD-DPO's length-weighted reference sums depend on the pair alone, so they are precomputed and
+    cached like the plain ones, under a key of their own."""
+    common = ["train.max_steps=3", "data.eval_fraction=0", "dpo.ld_alpha=0.5"]
+    cache = f"dpo.reference_cache_dir={tmp_path / 'cache'}"
+    train(make_config(llama_dir, train_file, tmp_path / "every", *common), progress=False)
+    train(make_config(llama_dir, train_file, tmp_path / "pre", *common, "dpo.precompute_reference=true", cache),
+          progress=False)
+    for got, want in zip(train_rows(tmp_path / "pre"), train_rows(tmp_path / "every"), strict=True):
+        for key in COMPARED:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
+    train(make_config(llama_dir, train_file, tmp_path / "plain", "train.max_steps=3", "data.eval_fraction=0",
+                      "dpo.precompute_reference=true", cache), progress=False)
+    assert len(list((tmp_path / "cache").glob("reference-logps-*.safetensors"))) == 2  # not the LD-DPO table
+    # The weighted sums differ from the whole ones on these pairs (the responses differ in length).
+    assert train_rows(tmp_path / "plain")[0]["logps/chosen"] != pytest.approx(train_rows(tmp_path / "pre")[0]["logps/chosen"])
+
+
 def test_a_failing_compile_is_one_line_naming_the_setting(llama_dir, train_file, tmp_path, monkeypatch):
     """torch.compile fails at the first forward pass (no C++ compiler, no triton); the run says which
     setting to change instead of printing dynamo's page of traceback."""
