@@ -208,27 +208,18 @@ def restore_checkpoint(path: Path, model: Any, optimizer: Any, scaler: Any, metr
     on the processes that do not write). ``processes`` (``distributed.Processes``, None: alone):
     each process gets its own RNG state back, and a sharded model its shards of the weights and
     the optimizer state."""
-    from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from .errors import one_line
-    from .modeling import TRAINED_ADAPTER
+    from .modeling import TRAINED_ADAPTER, load_adapter_weights
     from .reference_sync import restore_reference
 
-    sharded = processes is not None and processes.sharded
     try:
-        adapter = load_file(str(path / "adapter_model.safetensors"))
-        if sharded:
-            processes.load_adapter(model, adapter, TRAINED_ADAPTER)
-        else:
-            result = set_peft_model_state_dict(model, adapter, adapter_name=TRAINED_ADAPTER)
-            unexpected = getattr(result, "unexpected_keys", [])
-            if unexpected:
-                raise RuntimeError(f"unexpected adapter weights such as {unexpected[0]}")
+        load_adapter_weights(model, load_file(str(path / "adapter_model.safetensors")), TRAINED_ADAPTER, processes)
         restore_reference(model, path, processes)
         optimizer.load_state_dict(load_state(path, "optimizer"))
-        if sharded:
-            processes.shard_optimizer_state(optimizer)
+        if processes is not None:
+            processes.shard_optimizer_state(optimizer)  # sharded: back into shards; otherwise nothing
         _repage(optimizer)
         loop = load_state(path, "loop")
     except (RuntimeError, ValueError, KeyError, OSError) as exc:

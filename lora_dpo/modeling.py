@@ -321,6 +321,21 @@ def reference_model(model: Any) -> Iterator[Any]:
             yield model
 
 
+def load_adapter_weights(model: Any, weights: dict[str, torch.Tensor], adapter_name: str, processes: Any = None) -> None:
+    """Saved adapter weights (keys as peft saves them) into the model's adapter ``adapter_name``:
+    through peft, or into a sharded model's shards (``distributed.Processes.load_adapter``). A
+    weight the model has no place for is a RuntimeError naming it."""
+    from peft.utils import set_peft_model_state_dict
+
+    if processes is not None and processes.sharded:
+        processes.load_adapter(model, weights, adapter_name)
+        return
+    unexpected = getattr(set_peft_model_state_dict(model, weights, adapter_name=adapter_name), "unexpected_keys", [])
+    if unexpected:
+        what = "reference adapter" if adapter_name == REFERENCE_ADAPTER else "adapter"
+        raise RuntimeError(f"unexpected {what} weights such as {unexpected[0]}")
+
+
 def save_adapter(model: Any, directory: str | Path, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors of the trained adapter only.
     ``weights``: the LoRA weights whole, named as in ``model.state_dict()``, for a sharded model

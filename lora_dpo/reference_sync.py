@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .errors import LoraDpoError
-from .modeling import REFERENCE_ADAPTER, TRAINED_ADAPTER
+from .modeling import REFERENCE_ADAPTER, TRAINED_ADAPTER, load_adapter_weights
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +134,9 @@ def restore_reference(model: Any, directory: Path, processes: Any = None) -> Non
     """Load the reference adapter a checkpoint holds into the model's own (a checkpoint without one
     leaves the model's reference as it was loaded); a sharded model (``processes.sharded``) into
     its shards."""
-    from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     path = directory / REFERENCE_FILE
     if not path.is_file() or REFERENCE_ADAPTER not in getattr(model, "peft_config", {}):
         return
-    if processes is not None and processes.sharded:
-        processes.load_adapter(model, load_file(str(path)), REFERENCE_ADAPTER)
-        return
-    result = set_peft_model_state_dict(model, load_file(str(path)), adapter_name=REFERENCE_ADAPTER)
-    if getattr(result, "unexpected_keys", []):
-        raise RuntimeError(f"unexpected reference adapter weights such as {result.unexpected_keys[0]}")
+    load_adapter_weights(model, load_file(str(path)), REFERENCE_ADAPTER, processes)
