@@ -44,8 +44,9 @@ What generates text (train.sample_every, eval.after_training) or changes the mod
 (TR-DPO, model.compile, micro_batch_size auto, paged 8-bit optimizers) is refused with one line.
 
 Gradient maths: each process's loss is its pairs' summed losses x processes / the step's pairs
-on all processes; DDP averages the gradients over the processes (FSDP's reduce-scatter too), which gives the gradient of the
-mean over all the step's pairs, the same as one process running the whole global batch.
+on all processes; DDP averages the gradients over the processes (FSDP's reduce-scatter too),
+which gives the gradient of the mean over all the step's pairs, the same as one process running
+the whole global batch.
 """
 
 from __future__ import annotations
@@ -346,7 +347,8 @@ def shard_model(scorer: PairScorer, model: Any, fsdp: Any, device: torch.device,
     options = dict(mesh=mesh, offload_policy=offload)
     base = model.get_base_model()
     name = getattr(base.config, "_name_or_path", type(base).__name__)
-    for layer in decoder_layers(base, name, "FSDP"):
+    layers = decoder_layers(base, name, "FSDP")
+    for layer in layers:
         fully_shard(layer, reshard_after_forward=fsdp.reshard_after_forward, **options)
     embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
     tied = head is not None and embeddings.weight is head.weight
@@ -362,8 +364,7 @@ def shard_model(scorer: PairScorer, model: Any, fsdp: Any, device: torch.device,
         state = getattr(module, "quant_state", None)
         if state is not None and hasattr(state, "to"):
             state.to(device)
-    log.info("model sharded over %d processes with FSDP: %d decoder layers, embeddings and head", count,
-             len(decoder_layers(base, name, "FSDP")))
+    log.info("model sharded over %d processes with FSDP: %d decoder layers, embeddings and head", count, len(layers))
     return scorer
 
 

@@ -768,7 +768,7 @@ def _open_output(out: Path, resume_from: Path | None, model: Any, optimizer: tor
             _clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         record_written(out, {"config.yaml", "metrics.jsonl", AUDIT_FILE, SAMPLES_FILE, "tensorboard", "wandb",
-                              *REPORT_FILES})
+                             *REPORT_FILES})
         metrics_path.write_text("", encoding="utf-8")
     return {"step": 0, "pairs_consumed": 0, "epoch_draw": None, "skipped_steps": 0, "consecutive_bad_steps": 0,
             "last_eval": None, "resumes": []}
