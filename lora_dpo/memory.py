@@ -350,6 +350,11 @@ def mask_bytes(batch: MicroBatch, sliding_window: bool) -> int:
 # LoRA and optimizer state
 
 
+def compute_bytes(model_config: Any) -> int:
+    """Bytes per element of the compute dtype (float32 4; bfloat16, float16 and auto planned as 2)."""
+    return 4 if model_config.compute_dtype == "float32" else 2
+
+
 def lora_tensors(shape: ModelShape, targets: list[str], rank: int) -> list[int]:
     """Element counts of every LoRA A and B matrix of the model."""
     sizes = []
@@ -430,7 +435,7 @@ class FsdpUnits:
 def fsdp_units(shape: ModelShape, config: Config, lora_params: int) -> FsdpUnits:
     """The gathered sizes of ``shape``'s units, with ``lora_params`` LoRA weights over all layers
     (an init adapter's frozen reference copy is in the layers too, without gradients)."""
-    dtype_bytes = 4 if config.model.compute_dtype == "float32" else 2
+    dtype_bytes = compute_bytes(config.model)
     linear = shape.quantized_params() // shape.layers
     linear_bytes = linear // 2 if config.model.load_in_4bit else linear * dtype_bytes
     lora_layer = lora_params // shape.layers
@@ -575,7 +580,7 @@ def plan_memory(shape: ModelShape, config: Config, batch: MicroBatch | None = No
     if batch is None:
         batch = longest_micro_batch(micro, length, config.data.layout, config.data.pack_length)
     h, v, n = shape.hidden_size, shape.vocab_size, batch.tokens
-    dtype_bytes = 4 if model.compute_dtype == "float32" else 2
+    dtype_bytes = compute_bytes(model)
     # An init adapter's own shape is unknown here: planned as the default, r=16 on every linear layer.
     targets = list(LINEAR_NAMES) if model.init_adapter else lora_modules(lora.target_modules)
     rank = 16 if model.init_adapter else lora.r
