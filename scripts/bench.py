@@ -1061,7 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{shape.micro_batch} pairs/step, {args.warmup} warm-up + {args.steps} timed steps, model in {model_dir}",
           file=sys.stderr, flush=True)
     status = 0
-    previous_handler = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    previous_handler = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         if args.memory_cap_gib is not None:
             settings["memory_cap"] = apply_memory_cap(args.memory_cap_gib, device)
@@ -1100,7 +1100,9 @@ class TimeUp(Exception):
     """SIGTERM arrived (a time limit): stop measuring and report what is done."""
 
 
-def _stop_on_sigterm(number: int, frame: Any) -> None:
+def stop_on_sigterm(number: int, frame: Any) -> None:
+    """The SIGTERM handler of the GPU suite's scripts (this one, plan_check.py, fsdp_check.py):
+    raise TimeUp where the measuring is, so the script prints and writes what finished."""
     raise TimeUp
 
 

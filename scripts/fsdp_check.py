@@ -55,10 +55,6 @@ GIB = 2**30
 PAD = 2  # the bench tokenizer's EOS, which load_tokenizer makes the padding id (padding is masked anyway)
 
 
-class Stopped(Exception):
-    """SIGTERM (the suite's time limit): print and write what finished."""
-
-
 def check_config(model_dir: Path, shape: bench.Shape, device: str, work: Path) -> Any:
     """The bench's lora-dpo settings, with the optimizer a sharded run accepts (adamw) and no LoRA
     dropout: both ways then compute the same step losses, which checks training through the shards."""
@@ -250,10 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
 
-    def stop(number: int, frame: Any) -> None:
-        raise Stopped
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, bench.stop_on_sigterm)
     bench.quiet_libraries()
     try:
         with tempfile.TemporaryDirectory(prefix="lora-dpo-fsdp-check-") as scratch:
@@ -279,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
             report["steps"].append(time_steps(plain, config, pairs, args.steps, device))
             report["loss_diff"] = max(abs(a - b) for a, b in zip(*(r["losses"] for r in report["steps"])))
-    except Stopped:
+    except bench.TimeUp:
         report["partial"] = True
     finally:
         signal.signal(signal.SIGTERM, previous)  # called in-process (the tests), the caller's handler comes back

@@ -42,10 +42,6 @@ from lora_dpo.modeling import load_model, resolve_compute_dtype, resolve_device,
 from lora_dpo.reference_cache import ReferenceTable  # noqa: E402
 
 
-class Stopped(Exception):
-    pass
-
-
 def full_pairs(count: int, length: int, words: int, seed: int) -> list[TokenizedPair]:
     """Pairs whose every row is ``length`` tokens: prompt a quarter (BOS first), responses the rest (EOS last)."""
     rng = random.Random(seed)
@@ -163,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
 
-    def stop(number: int, frame: Any) -> None:
-        raise Stopped
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, bench.stop_on_sigterm)
     bench.quiet_libraries()
     work = Path(bench.tempfile.mkdtemp(prefix="lora-dpo-plan-check-"))
     try:
@@ -220,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.set_per_process_memory_fraction(1.0, device)
             del model
             bench.reset_memory(device)
-    except Stopped:
+    except bench.TimeUp:
         report["partial"] = True
     finally:
         signal.signal(signal.SIGTERM, previous)  # called in-process (the tests), the caller's handler comes back
