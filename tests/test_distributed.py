@@ -158,16 +158,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def single_and_launched(worker, config_for, root: Path, model_dir: Path, demo_rows: list, accumulation: int):
+    """(root, the pairs file, the one-process run with ``accumulation`` micro-batches a step: the
+    launch's global batch, the two processes' reports): what a module's tests compare."""
+    from lora_dpo.train import train
+
+    train_file = write_jsonl(root / "pairs.jsonl", demo_rows)
+    single = train(config_for(model_dir, train_file, root / "single", f"train.gradient_accumulation_steps={accumulation}"),
+                   progress=False)
+    return root, train_file, single, launch_two(worker, root, str(model_dir), str(train_file))
+
+
 @pytest.fixture(scope="module")
 def runs(llama_dir, demo_rows, tmp_path_factory):
     """The two-process runs, and the one-process run over the same global batch (2 x 2)."""
-    from lora_dpo.train import train
-
-    root = tmp_path_factory.mktemp("distributed")
-    train_file = write_jsonl(root / "pairs.jsonl", demo_rows)
-    single = train(config_for(llama_dir, train_file, root / "single", "train.gradient_accumulation_steps=2"),
-                   progress=False)
-    return root, train_file, single, launch_two(worker, root, str(llama_dir), str(train_file))
+    return single_and_launched(worker, config_for, tmp_path_factory.mktemp("distributed"), llama_dir, demo_rows, 2)
 
 
 def test_two_processes_train_what_one_trains_over_the_same_global_batch(runs):

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_config, write_jsonl
-from test_distributed import adapter, assert_same_rows, exit_of, join_launch, launch_two, rows, signal_after_step_one
+from conftest import make_config
+from test_distributed import (adapter, assert_same_rows, exit_of, join_launch, rows, signal_after_step_one,
+                              single_and_launched)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,13 +115,7 @@ def from_sft(root: Path) -> tuple[str, ...]:
 @pytest.fixture(scope="module")
 def runs(llama_dir, demo_rows, tmp_path_factory):
     """The two sharded processes' runs, and one process over the same global batch (2 x 4)."""
-    from lora_dpo.train import train
-
-    root = tmp_path_factory.mktemp("fsdp")
-    train_file = write_jsonl(root / "pairs.jsonl", demo_rows)
-    single = train(config_for(llama_dir, train_file, root / "single", "train.gradient_accumulation_steps=4"),
-                   progress=False)
-    return root, train_file, single, launch_two(worker, root, str(llama_dir), str(train_file))
+    return single_and_launched(worker, config_for, tmp_path_factory.mktemp("fsdp"), llama_dir, demo_rows, 4)
 
 
 def test_the_shipped_accelerate_configs_ask_for_what_lora_dpo_runs(monkeypatch):
