@@ -98,12 +98,30 @@ def exit_of(train_module, config) -> int | None:
     return None
 
 
+def reference_against_base(run) -> dict:
+    """The reference pass as a step runs it (through the run's wrapper, adapter off) against the
+    plain base, and the policy pass through the same wrapper, which must differ once trained."""
+    from lora_dpo.batching import collate, pair_logps
+    from lora_dpo.modeling import load_base, reference_model
+
+    batch = collate(run.data.train[:4], run.tokenizer.pad_token_id)
+    with torch.no_grad():
+        run.model.eval()
+        with reference_model(run.model):
+            reference = run.step_runner.scorer(batch, 512)
+        policy = run.step_runner.scorer(batch, 512)
+        base = load_base(run.config.model, torch.device("cpu"), torch.float32, attn_implementation=None)
+        plain = pair_logps(base, batch)
+    return {"wrapped": type(run.step_runner.scorer).__name__,
+            "reference_vs_base": float((reference.chosen - plain.chosen).abs().max()
+                                       + (reference.rejected - plain.rejected).abs().max()),
+            "policy_vs_base": float((policy.chosen - plain.chosen).abs().max())}
+
+
 def worker(rank: int, port: int, model_dir: str, train_file: str, root: str) -> None:
     """One of the two processes; writes what the parent checks to root/rank-R.json."""
     join_launch(rank, port)
     import lora_dpo.train as train_module
-    from lora_dpo.batching import collate, pair_logps
-    from lora_dpo.modeling import load_base, reference_model
 
     root_path, report = Path(root), {}
 
@@ -112,19 +130,7 @@ def worker(rank: int, port: int, model_dir: str, train_file: str, root: str) -> 
     train_module.run_loop(run, progress=False)
     train_module.finish_run(run)
     report["processes"] = [run.processes.rank, run.processes.count]
-    # The reference pass as a step runs it (through the DDP wrapper, adapter off) against the
-    # plain base; the policy pass through the same wrapper must differ (the adapter has trained).
-    batch = collate(run.data.train[:4], run.tokenizer.pad_token_id)
-    with torch.no_grad():
-        with reference_model(run.model):
-            reference = run.step_runner.scorer(batch, 512)
-        policy = run.step_runner.scorer(batch, 512)
-        base = load_base(run.config.model, torch.device("cpu"), torch.float32, attn_implementation=None)
-        plain = pair_logps(base, batch)
-    report["wrapped"] = type(run.step_runner.scorer).__name__
-    report["reference_vs_base"] = float((reference.chosen - plain.chosen).abs().max()
-                                        + (reference.rejected - plain.rejected).abs().max())
-    report["policy_vs_base"] = float((policy.chosen - plain.chosen).abs().max())
+    report.update(reference_against_base(run))
     # generate shards its prompts: three prompts over two processes, the main one writes the file.
     from lora_dpo.cli import main
     report["generate"] = main(generate_words(root_path / "ddp", root_path / f"answers-ddp-{rank}.jsonl"))

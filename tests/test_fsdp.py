@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_config
-from test_distributed import (adapter, assert_same_rows, exit_of, join_launch, rows, signal_after_step_one,
-                              single_and_launched)
+from test_distributed import (adapter, assert_same_rows, exit_of, join_launch, reference_against_base, rows,
+                              signal_after_step_one, single_and_launched)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,8 +56,6 @@ def worker(rank: int, port: int, model_dir: str, train_file: str, root: str) -> 
     from torch.distributed.tensor import DTensor
 
     import lora_dpo.train as train_module
-    from lora_dpo.batching import collate, pair_logps
-    from lora_dpo.modeling import load_base, reference_model
 
     root_path, report = Path(root), {}
     run = train_module.setup_run(config_for(model_dir, train_file, root_path / "fsdp", "train.gradient_accumulation_steps=2"))
@@ -68,20 +66,7 @@ def worker(rank: int, port: int, model_dir: str, train_file: str, root: str) -> 
     report["held_out"] = len(run.data.eval)
     train_module.run_loop(run, progress=False)
     train_module.finish_run(run)
-    # The reference pass as a step runs it (through the root of the sharded model, adapter off)
-    # against the plain base; the policy pass through the same root must differ.
-    batch = collate(run.data.train[:4], run.tokenizer.pad_token_id)
-    with torch.no_grad():
-        run.model.eval()
-        with reference_model(run.model):
-            reference = run.step_runner.scorer(batch, 512)
-        policy = run.step_runner.scorer(batch, 512)
-        base = load_base(run.config.model, torch.device("cpu"), torch.float32, attn_implementation=None)
-        plain = pair_logps(base, batch)
-    report["wrapped"] = type(run.step_runner.scorer).__name__
-    report["reference_vs_base"] = float((reference.chosen - plain.chosen).abs().max()
-                                        + (reference.rejected - plain.rejected).abs().max())
-    report["policy_vs_base"] = float((policy.chosen - plain.chosen).abs().max())
+    report.update(reference_against_base(run))  # through the root of the sharded model
 
     # SIGTERM to process 1 alone, after step 1: both stop there with one checkpoint, then resume.
     stopped = root_path / "stopped"
